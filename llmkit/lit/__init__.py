@@ -1,0 +1,1 @@
+"""Lightning glue: the LightningModule, optimizers and schedules, callbacks."""

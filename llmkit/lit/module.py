@@ -1,0 +1,93 @@
+"""The LightningModule: builds the model in `configure_model`, asks it for its loss, logs.
+
+It knows nothing about architectures: the model owns its loss (auxiliary losses included), and
+parallelism is applied from outside by `llmkit.distributed` when the strategy asks for it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics import MeanMetric
+
+from llmkit.lit.optim import OPTIMIZERS, SCHEDULES
+from llmkit.model import ModelConfig, Transformer
+
+
+class LitLM(L.LightningModule):
+    def __init__(
+        self, model: dict[str, Any], optim: dict[str, Any], scheduler: dict[str, Any], compile: bool = False
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model: Transformer | None = None
+        self.val_loss = MeanMetric()
+
+    # ---- construction ----------------------------------------------------------------------------
+    def model_config(self) -> ModelConfig:
+        values = dict(self.hparams.model)
+        if values.get("vocab_size") is None:  # taken from the data's tokenizer
+            values["vocab_size"] = self.trainer.datamodule.vocab_size
+        return ModelConfig.from_dict(values)
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = Transformer(self.model_config())
+        if self.device_mesh is not None:
+            from llmkit.distributed import apply_fsdp
+
+            apply_fsdp(self.model, self.device_mesh, self.trainer.precision)
+        if self.hparams.compile:
+            self.model.compile()  # in place: state-dict keys stay the same
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optim = dict(self.hparams.optim)
+        optimizer = OPTIMIZERS.build(optim.pop("name"), model=self.model, **optim)
+        schedule = dict(self.hparams.scheduler)
+        total_steps = self.trainer.max_steps
+        if total_steps is None or total_steps < 0:
+            raise ValueError("learning-rate schedules need trainer.max_steps=N (a positive number of optimizer steps)")
+        multiplier = SCHEDULES.build(schedule.pop("name"), total_steps=total_steps, **schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, multiplier), "interval": "step"}}
+
+    # ---- steps -----------------------------------------------------------------------------------
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch
+        out = self.model.loss(inputs, targets)
+        self.log("train/loss", out.loss, prog_bar=True)
+        for name, value in out.aux.items():
+            self.log(f"train/aux/{name}", value)
+        return out.loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        inputs, targets = batch
+        out = self.model.loss(inputs, targets)
+        self.val_loss.update(out.ce, weight=targets.numel())
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()  # token-weighted mean over every rank's batches
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", loss.exp(), prog_bar=True, sync_dist=False)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # pre-clipping norm, only on logging steps: it costs a pass over every gradient
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["model_config"] = self.model.cfg.to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("model_config", {})
+        if self.model is not None and saved.get("vocab_size") not in (None, self.model.cfg.vocab_size):
+            raise ValueError(
+                f"the checkpoint's model has a vocabulary of {saved['vocab_size']} tokens but this run's data "
+                f"gives {self.model.cfg.vocab_size}; resume with the data and tokenizer the checkpoint was trained on"
+            )

@@ -1,0 +1,6 @@
+"""Pure-torch model components. Importing this package registers every component."""
+
+from llmkit.model.config import ModelConfig
+from llmkit.model.transformer import LossOutput, Transformer
+
+__all__ = ["LossOutput", "ModelConfig", "Transformer"]

@@ -1,0 +1,138 @@
+"""Attention kernels: the same causal (optionally windowed, optionally biased) attention math,
+computed by different implementations. Choosing a kernel never changes the result beyond
+floating-point rounding; `tests/model/test_kernels.py` holds every kernel to the eager reference.
+
+Every kernel takes q: (B, H, T, D), k and v: (B, Hkv, S, D) with H a multiple of Hkv, and
+returns (B, H, T, D). Query i may see key j when k_pos[j] <= q_pos[i] and, with a window w,
+q_pos[i] - k_pos[j] < w (a token sees itself and the w - 1 before it).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from llmkit.model.positions import PositionContext
+from llmkit.registry import Registry
+
+
+class AttentionKernel(Protocol):
+    def __call__(
+        self, q: Tensor, k: Tensor, v: Tensor, ctx: PositionContext, window: int | None, dropout_p: float
+    ) -> Tensor: ...
+
+
+KERNELS: Registry[AttentionKernel] = Registry("attention kernel")
+
+
+def visible(ctx: PositionContext, window: int | None) -> Tensor:
+    """(T, S) bool: which keys each query may attend to."""
+    offset = ctx.q_pos[:, None] - ctx.k_pos[None, :]  # (T, S)
+    allowed = offset >= 0
+    if window is not None:
+        allowed &= offset < window
+    return allowed
+
+
+def additive_mask(ctx: PositionContext, window: int | None, dtype: torch.dtype) -> Tensor:
+    """(H or 1, T, S) float: position bias where visible, -inf elsewhere."""
+    blocked = torch.zeros((), dtype=dtype, device=ctx.q_pos.device)
+    mask = torch.where(visible(ctx, window), blocked, float("-inf"))
+    return mask if ctx.bias is None else ctx.bias.to(dtype) + mask
+
+
+@KERNELS.register("eager")
+def eager_attention(q: Tensor, k: Tensor, v: Tensor, ctx: PositionContext, window: int | None, dropout_p: float) -> Tensor:
+    """Reference kernel: materialises the (B, H, T, S) score matrix."""
+    groups = q.size(1) // k.size(1)
+    k = k.repeat_interleave(groups, dim=1)  # (B, H, S, D)
+    v = v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-2, -1)) / q.size(-1) ** 0.5  # (B, H, T, S)
+    scores = scores + additive_mask(ctx, window, scores.dtype)
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    probs = F.dropout(probs, p=dropout_p, training=dropout_p > 0)
+    return probs @ v
+
+
+@KERNELS.register("sdpa")
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, ctx: PositionContext, window: int | None, dropout_p: float) -> Tensor:
+    """torch's fused kernels. Plain causal attention with T == S (training, prefill) takes the
+    is_causal fast path, which lets torch pick flash attention; anything else passes a mask."""
+    gqa = q.size(1) != k.size(1)
+    plain_causal = ctx.bias is None and window is None and q.size(2) == k.size(2)
+    if plain_causal:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
+    if ctx.bias is None:
+        mask = visible(ctx, window)  # bool masks keep the memory-efficient kernels available
+    else:
+        mask = additive_mask(ctx, window, q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
+
+
+@KERNELS.register("flex")
+def flex_attention_kernel(q: Tensor, k: Tensor, v: Tensor, ctx: PositionContext, window: int | None, dropout_p: float) -> Tensor:
+    """torch's FlexAttention. It has no dropout, and on CPU no backward pass (torch 2.13)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if dropout_p > 0:
+        raise ValueError("kernel=flex has no attention dropout; set model.dropout=0 or use kernel=sdpa")
+    if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+        raise NotImplementedError(
+            "kernel=flex has no backward pass on CPU; train with model.attention.kernel=sdpa "
+            "(flex works on CPU for inference, and for training on CUDA)"
+        )
+    q_pos, k_pos = ctx.q_pos, ctx.k_pos
+    allowed_offset = window if window is not None else q_pos.numel() + k_pos.numel() + 1
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        offset = q_pos[q_idx] - k_pos[kv_idx]
+        return (offset >= 0) & (offset < allowed_offset)
+
+    block_mask = create_block_mask(mask_mod, None, None, q.size(2), k.size(2), device=q.device)
+    score_mod = None
+    if ctx.bias is not None:
+        bias = ctx.bias.to(q.dtype).expand(q.size(1), -1, -1)  # (H, T, S)
+
+        def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return score + bias[h, q_idx, kv_idx]
+
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1))
+
+
+@KERNELS.register("xformers")
+def xformers_attention(q: Tensor, k: Tensor, v: Tensor, ctx: PositionContext, window: int | None, dropout_p: float) -> Tensor:
+    """xformers' memory-efficient attention: CUDA only, installed with `pip install -e ".[xformers]"`."""
+    try:
+        import xformers.ops as xops
+    except ImportError as err:
+        raise ImportError(
+            "kernel=xformers needs the optional extra: pip install -e '.[xformers]' "
+            "(CUDA only); or use model.attention.kernel=sdpa"
+        ) from err
+    if q.device.type != "cuda":
+        raise RuntimeError(
+            f"kernel=xformers runs only on CUDA tensors, got device '{q.device.type}'; "
+            "use model.attention.kernel=sdpa on this machine"
+        )
+    groups = q.size(1) // k.size(1)
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, T, H, D): xformers' layout
+    if ctx.bias is None and window is None and q.size(1) == k.size(1):
+        attn_bias = xops.LowerTriangularMask()
+    else:
+        attn_bias = _aligned_bias(additive_mask(ctx, window, q.dtype), q.size(0), q.size(2))
+    out = xops.memory_efficient_attention(q, k, v, attn_bias=attn_bias, p=dropout_p)
+    return out.transpose(1, 2)  # (B, H, T, D)
+
+
+def _aligned_bias(mask: Tensor, batch: int, heads: int) -> Tensor:
+    """xformers wants a (B, H, T, S) bias whose row stride is a multiple of 8."""
+    t, s = mask.shape[-2:]
+    padded = torch.empty(batch, heads, t, (s + 7) // 8 * 8, dtype=mask.dtype, device=mask.device)
+    view = padded[..., :s]
+    view.copy_(mask.expand(batch, heads, t, s))
+    return view

@@ -1,0 +1,110 @@
+"""The decoder-only transformer: embed -> blocks -> norm -> head. Start reading here.
+
+Every part is built by name from a registry (block, norm, attention, position, ffn), so the
+forward below is the same for GPT-2, the classic post-LN transformer and Llama-style models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llmkit.model.attention import ATTENTION
+from llmkit.model.block import BLOCKS
+from llmkit.model.config import ModelConfig
+from llmkit.model.ffn import FFNS, AuxLossProvider
+from llmkit.model.init import init_weights
+from llmkit.model.norm import NORMS
+from llmkit.model.positions import POSITIONS
+from llmkit.registry import Registry
+
+
+@dataclass
+class LossOutput:
+    loss: Tensor  # what the optimizer minimises: cross-entropy plus auxiliary losses
+    ce: Tensor  # language-modelling cross-entropy alone (nats per token)
+    logits: Tensor  # (B, T, V)
+    aux: dict[str, Tensor] = field(default_factory=dict)
+
+
+def build(registry: Registry[Any], spec: dict[str, Any], where: str, **shared: Any) -> Any:
+    """Build `spec["name"]` from `registry` with the spec's options plus model-level values."""
+    options = {k: v for k, v in spec.items() if k != "name"}
+    try:
+        return registry.build(spec["name"], **shared, **options)
+    except TypeError as err:  # an option the component does not take
+        raise TypeError(f"model.{where}={spec['name']}: {err}") from err
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.position = build(
+            POSITIONS, cfg.position, "position",
+            d_model=cfg.d_model, n_heads=cfg.n_heads, head_dim=cfg.head_dim, max_seq_len=cfg.max_seq_len,
+        )
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(self._block() for _ in range(cfg.n_layers))
+        final_norm = BLOCKS.get(cfg.block["name"]).final_norm
+        self.norm = self._norm() if final_norm else nn.Identity()
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        init_weights(self, cfg.init_std, cfg.n_layers)
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+
+    def _norm(self) -> nn.Module:
+        return build(NORMS, self.cfg.norm, "norm", dim=self.cfg.d_model, bias=self.cfg.bias)
+
+    def _block(self) -> nn.Module:
+        cfg = self.cfg
+        attention = build(
+            ATTENTION, cfg.attention, "attention",
+            d_model=cfg.d_model, n_heads=cfg.n_heads, bias=cfg.bias, dropout=cfg.dropout,
+        )
+        ffn = build(FFNS, cfg.ffn, "ffn", d_model=cfg.d_model, bias=cfg.bias, dropout=cfg.dropout)
+        return build(BLOCKS, cfg.block, "block", attention=attention, ffn=ffn, norm_1=self._norm(), norm_2=self._norm())
+
+    def forward(self, idx: Tensor) -> Tensor:
+        """idx: (B, T) token ids -> logits (B, T, V)."""
+        T = idx.size(1)
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        pos = torch.arange(T, device=idx.device)
+        ctx = self.position.context(pos, pos)
+        x = self.dropout(self.position.embed(self.tok_emb(idx), pos))  # (B, T, C)
+        for block in self.blocks:
+            x = block(x, ctx)
+        return self.head(self.norm(x))
+
+    def loss(self, idx: Tensor, targets: Tensor) -> LossOutput:
+        """Next-token cross-entropy (targets == -100 are ignored) plus any auxiliary losses."""
+        logits = self(idx)
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        aux = self.pop_aux_losses()
+        return LossOutput(loss=ce + sum(aux.values()), ce=ce, logits=logits, aux=aux)
+
+    def pop_aux_losses(self) -> dict[str, Tensor]:
+        losses: dict[str, Tensor] = {}
+        for name, module in self.named_modules():
+            if module is not self and isinstance(module, AuxLossProvider):
+                for key, value in module.pop_aux_losses().items():
+                    losses[f"{name}.{key}"] = value
+        return losses
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: 6 per weight used in a matmul (forward + backward) plus the
+        attention scores and weighted sum, 12 * layers * d_model * seq_len (PaLM, appendix B)."""
+        lookups = sum(p.numel() for p in self.position.parameters())
+        if not self.cfg.tie_embeddings:
+            lookups += self.tok_emb.weight.numel()
+        matmul_params = self.num_params() - lookups
+        return 6 * matmul_params + 12 * self.cfg.n_layers * self.cfg.d_model * seq_len

@@ -1,0 +1,114 @@
+"""run(cfg): check the hardware, instantiate data, model, trainer; fit; summarise; sample."""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from llmkit.hardware import check_hardware
+from llmkit.lit.callbacks import ThroughputMonitor
+from llmkit.lit.module import LitLM
+from llmkit.sampling import sample
+
+log = logging.getLogger(__name__)
+
+# keys of the trainer group that are llmkit's, not lightning.Trainer's
+_NOT_TRAINER_ARGS = ("peak_flops_per_device",)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    started = time.perf_counter()
+    check_hardware(cfg.trainer, _choice("trainer"))
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    lit = LitLM(
+        model=_plain(cfg.model), optim=_plain(cfg.optim), scheduler=_plain(cfg.scheduler), compile=cfg.compile
+    )
+    trainer = _trainer(cfg)
+    trainer.fit(lit, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    summary = _summary(cfg, trainer, lit, time.perf_counter() - started)
+    if trainer.is_global_zero:
+        out = Path(cfg.paths.output_dir)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        _print_sample(cfg, lit, datamodule)
+        print(f"run directory: {out}\ncheckpoint:    {summary['checkpoint']}\nsummary:       {out / 'summary.json'}")
+    return summary
+
+
+def _trainer(cfg: DictConfig) -> L.Trainer:
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    loggers = [instantiate(c) for c in cfg.logger.values()] or False
+    trainer_cfg = {k: v for k, v in cfg.trainer.items() if k not in _NOT_TRAINER_ARGS}
+    return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers)
+
+
+def _summary(cfg: DictConfig, trainer: L.Trainer, lit: LitLM, wall_s: float) -> dict[str, Any]:
+    throughput = _find(trainer, ThroughputMonitor)
+    checkpoint = trainer.checkpoint_callback
+    val_loss = trainer.callback_metrics.get("val/loss")
+    best = checkpoint.best_model_score if checkpoint is not None else None
+    dm = trainer.datamodule
+    tokens_per_step = dm.batch_size * dm.seq_len * trainer.accumulate_grad_batches * trainer.world_size
+    perf = throughput.summary(tokens_per_step, trainer.world_size) if throughput else {}
+    return {
+        "final_val_loss": _float(val_loss),
+        "final_val_ppl": _float(val_loss.exp()) if val_loss is not None else None,
+        "best_val_loss": _float(best),
+        "steps": trainer.global_step,
+        "tokens_seen": throughput.tokens_seen if throughput else None,
+        **perf,
+        "params": lit.model.num_params(),
+        "wall_time_s": wall_s,
+        "peak_memory_bytes": _peak_memory(),
+        "checkpoint": (checkpoint.best_model_path or checkpoint.last_model_path) if checkpoint else None,
+        "last_checkpoint": checkpoint.last_model_path if checkpoint else None,
+        "choices": _choices(),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+
+def _print_sample(cfg: DictConfig, lit: LitLM, datamodule: L.LightningDataModule) -> None:
+    tokenizer = datamodule.tokenizer
+    prompt_ids = tokenizer.encode(cfg.sample.prompt) or [tokenizer.eos_id or 0]
+    prompt = torch.tensor([prompt_ids], device=lit.device)
+    generator = torch.Generator(device=lit.device).manual_seed(cfg.seed)
+    ids = sample(lit.model, prompt, cfg.sample.max_new_tokens, cfg.sample.temperature, cfg.sample.top_k, generator)
+    print("\n---- sample " + "-" * 60 + f"\n{tokenizer.decode(ids[0].tolist())}\n" + "-" * 72)
+
+
+def _peak_memory() -> int:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _find(trainer: L.Trainer, kind: type) -> Any:
+    return next((c for c in trainer.callbacks if isinstance(c, kind)), None)
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _plain(node: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def _choices() -> dict[str, str]:
+    if not HydraConfig.initialized():
+        return {}
+    return {k: v for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra") and v is not None}
+
+
+def _choice(group: str) -> str:
+    return _choices().get(group, group)
