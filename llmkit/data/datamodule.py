@@ -101,13 +101,10 @@ class LMDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        rank, world = self._rank_and_world()
+        rank, _ = self._rank_and_world()
         tokens = self.corpus.tokens("train")
         dataset = RandomWindowBatches(tokens, self.seq_len, self.batch_size, self.seed, rank)
-        # a nominal epoch = as many tokens as the training split holds, summed over ranks
-        batches_per_epoch = max(1, len(tokens) // (self.batch_size * self.seq_len * world))
-        self.train_sampler = ResumableBatchSampler(batches_per_epoch)
-        self.train_sampler.skip_before = self._resume_batches
+        self.train_sampler = ResumableBatchSampler(start=self._resume_batches)
         return DataLoader(
             dataset, batch_size=None, sampler=self.train_sampler, num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

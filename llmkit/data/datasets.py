@@ -7,6 +7,7 @@ order does not depend on the number of DataLoader workers.
 
 from __future__ import annotations
 
+import itertools
 from typing import Iterator
 
 import numpy as np
@@ -37,24 +38,15 @@ class RandomWindowBatches(Dataset):
 
 
 class ResumableBatchSampler(Sampler[int]):
-    """Yields global batch indices of one nominal epoch, skipping those consumed before a resume."""
+    """Yields global batch indices k = start, start + 1, ... without end: training length is
+    counted in optimizer steps (trainer.max_steps), so there are no epochs to restart mid-way,
+    and a resume only sets `start` to the number of batches already consumed."""
 
-    def __init__(self, batches_per_epoch: int) -> None:
-        self.batches_per_epoch = batches_per_epoch
-        self.epoch = 0
-        self.skip_before = 0  # global index of the first batch not yet consumed
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, start: int = 0) -> None:
+        self.start = start
 
     def __iter__(self) -> Iterator[int]:
-        first = self.epoch * self.batches_per_epoch
-        return iter(range(max(first, self.skip_before), first + self.batches_per_epoch))
-
-    def __len__(self) -> int:
-        # The nominal length, also after a resume: Lightning's restored batch counter plus the
-        # batches still to come then ends the epoch exactly where an uninterrupted run ends it.
-        return self.batches_per_epoch
+        return itertools.count(self.start)
 
 
 class SequentialWindows(Dataset):

@@ -79,6 +79,7 @@ class LitLM(L.LightningModule):
         if self.global_step % self.trainer.log_every_n_steps == 0:
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+            self.log("train/lr", optimizer.param_groups[0]["lr"])
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -1,0 +1,26 @@
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """gpu tests skip without CUDA; slurm tests skip without a reachable SLURM cluster."""
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    no_slurm = pytest.mark.skip(reason="needs a SLURM cluster (slurm/local-cluster.sh up)")
+    have_slurm = shutil.which("sinfo") is not None and os.environ.get("LLMKIT_NO_SLURM") is None
+    for item in items:
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
+        if item.get_closest_marker("slurm") and not have_slurm:
+            item.add_marker(no_slurm)
+
+
+@pytest.fixture(autouse=True)
+def _fixed_threads() -> None:
+    torch.manual_seed(0)

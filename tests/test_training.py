@@ -1,0 +1,129 @@
+"""End to end through train.py: the loss falls, summary.json is complete, resume is exact."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# small stdlib corpus, char-level: builds in a second, and nominal epochs of 17 batches, so
+# 40 steps cross epoch boundaries and a resume at step 20 lands mid-epoch
+FAST = [
+    "data.max_bytes=20000", "data.split=tail", "data.tokenizer=char", "data.seq_len=64", "data.batch_size=16", "data.val_windows=32",
+    "scheduler.warmup_steps=5", "optim.lr=3e-3", "trainer.log_every_n_steps=1", "trainer.val_check_interval=10",
+    "trainer.enable_progress_bar=false", "sample.max_new_tokens=20",
+]
+
+
+def train(run_dir: Path, cache: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LLMKIT_DATA_DIR": str(cache), "PYTHONHASHSEED": "0"}
+    cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *FAST, *overrides]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def metrics(run_dir: Path, key: str) -> dict[int, float]:
+    """{step: value} from the CSV logger (Lightning logs the step index, 0-based)."""
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return {int(row["step"]): float(row[key]) for row in csv.DictReader(f) if row.get(key)}
+
+
+def unigram_entropy(cache: Path) -> float:
+    (corpus,) = [d for d in cache.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    meta = json.loads((corpus / "meta.json").read_text())
+    tokens = np.fromfile(corpus / "train.bin", dtype=meta["dtype"])
+    counts = np.array(list(Counter(tokens.tolist()).values()), dtype=np.float64)
+    p = counts / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+@pytest.mark.slow
+def test_loss_falls_well_below_unigram_entropy_and_summary_is_complete(tmp_path: Path) -> None:
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    result = train(run_dir, cache, "trainer.max_steps=100")
+    entropy = unigram_entropy(cache)
+    losses = metrics(run_dir, "train/loss")
+    late = sum(losses[s] for s in range(90, 100)) / 10
+    assert late < entropy - 0.5, f"train loss {late:.3f} vs unigram entropy {entropy:.3f}"
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    val = metrics(run_dir, "val/loss")
+    assert summary["steps"] == 100
+    assert summary["final_val_loss"] == pytest.approx(val[max(val)], rel=1e-6)
+    assert summary["best_val_loss"] == pytest.approx(min(val.values()), rel=1e-6)
+    assert summary["final_val_ppl"] == pytest.approx(math.exp(summary["final_val_loss"]), rel=1e-6)
+    assert summary["tokens_seen"] == 100 * 16 * 64
+    assert summary["median_step_ms"] > 0 and summary["tokens_per_s"] > 0 and 0 < summary["mfu"] < 1
+    assert summary["params"] > 0 and summary["wall_time_s"] > 0 and summary["peak_memory_bytes"] > 0
+    assert Path(summary["checkpoint"]).exists() and Path(summary["last_checkpoint"]).name == "last.ckpt"
+    assert summary["choices"]["model"] == "tiny" and summary["choices"]["trainer"] == "cpu"
+    for key in ("train/grad_norm", "train/lr", "perf/tokens_per_s", "perf/mfu", "val/ppl"):
+        assert metrics(run_dir, key), f"{key} was not logged"
+    assert "---- sample" in result.stdout and str(run_dir) in result.stdout
+
+
+@pytest.mark.slow
+def test_resume_continues_step_optimizer_state_and_losses_exactly(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    periodic = [
+        "+callbacks.periodic._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+        "+callbacks.periodic.every_n_train_steps=20", "+callbacks.periodic.save_top_k=-1",
+        "+callbacks.periodic.filename='step-{step}'", "+callbacks.periodic.auto_insert_metric_name=false", f"+callbacks.periodic.dirpath={tmp_path}/periodic",
+    ]
+    full = tmp_path / "full"
+    train(full, cache, "trainer.max_steps=40", *periodic)
+    resumed = tmp_path / "resumed"
+    train(resumed, cache, "trainer.max_steps=40", f"ckpt_path={tmp_path}/periodic/step-20.ckpt")
+
+    full_losses, resumed_losses = metrics(full, "train/loss"), metrics(resumed, "train/loss")
+    assert sorted(resumed_losses) == list(range(20, 40)), "resumed run must start at step 21"
+    for step in range(20, 40):
+        assert resumed_losses[step] == full_losses[step], f"loss differs at step {step + 1}"
+
+    a = torch.load(full / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 40
+    for name, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, b["state_dict"][name]), name
+    for state_a, state_b in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        assert all(torch.equal(state_a[k], state_b[k]) for k in ("exp_avg", "exp_avg_sq"))
+
+
+@pytest.mark.slow
+def test_resume_with_other_data_fails_clearly_and_keeps_the_checkpoint(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    first = tmp_path / "first"
+    train(first, cache, "trainer.max_steps=10")
+    ckpt = first / "checkpoints" / "last.ckpt"
+    before = ckpt.read_bytes()
+    env = {**os.environ, "LLMKIT_DATA_DIR": str(cache)}
+    cmd = [
+        sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'second'}", *FAST,
+        "data.max_bytes=30000", "trainer.max_steps=20", f"ckpt_path={ckpt}",
+    ]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert "vocabulary" in result.stderr or "tokenizer" in result.stderr
+    assert ckpt.read_bytes() == before
+
+
+def test_gpu_trainer_on_cpu_machine_stops_before_any_work(tmp_path: Path) -> None:
+    if torch.cuda.device_count() >= 8:
+        pytest.skip("this machine has 8 GPUs")
+    env = {**os.environ, "LLMKIT_DATA_DIR": str(tmp_path / "cache")}
+    cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", "model=gqa_rope", "trainer=fsdp_8gpu"]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "trainer=fsdp_8gpu needs 8 CUDA GPU(s) per node" in result.stderr
+    assert not (tmp_path / "cache").exists(), "no data may be prepared before the hardware check"
