@@ -67,6 +67,7 @@ def _summary(cfg: DictConfig, trainer: L.Trainer, lit: LitLM, wall_s: float) -> 
         "steps": trainer.global_step,
         "tokens_seen": throughput.tokens_seen if throughput else None,
         **perf,
+        "first_step_unix_time": throughput.first_step_unix_time if throughput else None,
         "params": lit.model.num_params(),
         "wall_time_s": wall_s,
         "peak_memory_bytes": _peak_memory(),

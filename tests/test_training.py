@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # small stdlib corpus, char-level: builds in a second, and nominal epochs of 17 batches, so
 # 40 steps cross epoch boundaries and a resume at step 20 lands mid-epoch
 FAST = [
-    "data.max_bytes=20000", "data.split=tail", "data.tokenizer=char", "data.seq_len=64", "data.batch_size=16", "data.val_windows=32",
+    "data.max_bytes=20000", "data.split=tail", "data.tokenizer=char", "data.seq_len=64", "data.batch_size=16",
+    "data.val_windows=32",
     "scheduler.warmup_steps=5", "optim.lr=3e-3", "trainer.log_every_n_steps=1", "trainer.val_check_interval=10",
     "trainer.enable_progress_bar=false", "sample.max_new_tokens=20",
 ]
@@ -79,7 +80,8 @@ def test_resume_continues_step_optimizer_state_and_losses_exactly(tmp_path: Path
     periodic = [
         "+callbacks.periodic._target_=lightning.pytorch.callbacks.ModelCheckpoint",
         "+callbacks.periodic.every_n_train_steps=20", "+callbacks.periodic.save_top_k=-1",
-        "+callbacks.periodic.filename='step-{step}'", "+callbacks.periodic.auto_insert_metric_name=false", f"+callbacks.periodic.dirpath={tmp_path}/periodic",
+        "+callbacks.periodic.filename='step-{step}'", "+callbacks.periodic.auto_insert_metric_name=false",
+        f"+callbacks.periodic.dirpath={tmp_path}/periodic",
     ]
     full = tmp_path / "full"
     train(full, cache, "trainer.max_steps=40", *periodic)
@@ -96,7 +98,9 @@ def test_resume_continues_step_optimizer_state_and_losses_exactly(tmp_path: Path
     assert a["global_step"] == b["global_step"] == 40
     for name, tensor in a["state_dict"].items():
         assert torch.equal(tensor, b["state_dict"][name]), name
-    for state_a, state_b in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+    states_a, states_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert states_a.keys() == states_b.keys()
+    for state_a, state_b in zip(states_a.values(), states_b.values(), strict=True):
         assert all(torch.equal(state_a[k], state_b[k]) for k in ("exp_avg", "exp_avg_sq"))
 
 
@@ -127,3 +131,25 @@ def test_gpu_trainer_on_cpu_machine_stops_before_any_work(tmp_path: Path) -> Non
     assert result.returncode != 0
     assert "trainer=fsdp_8gpu needs 8 CUDA GPU(s) per node" in result.stderr
     assert not (tmp_path / "cache").exists(), "no data may be prepared before the hardware check"
+
+
+@pytest.mark.slow
+def test_two_process_ddp_rehearsal_on_cpu(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    train(run_dir, tmp_path / "cache", "trainer=ddp_cpu", "trainer.max_steps=20")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 20
+    assert summary["tokens_seen"] == 20 * 16 * 64 * 2, "each of the 2 ranks contributes a batch per step"
+    assert summary["config"]["trainer"]["devices"] == 2
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+
+
+@pytest.mark.slow
+def test_bf16_mixed_precision_with_gradient_accumulation(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    train(run_dir, tmp_path / "cache", "trainer.precision=bf16-mixed", "trainer.accumulate_grad_batches=2",
+          "trainer.max_steps=10")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 10
+    assert summary["tokens_seen"] == 10 * 2 * 16 * 64, "an optimizer step consumes 2 micro-batches"
+    assert math.isfinite(summary["final_val_loss"])

@@ -8,7 +8,7 @@ order does not depend on the number of DataLoader workers.
 from __future__ import annotations
 
 import itertools
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch

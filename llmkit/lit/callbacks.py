@@ -24,18 +24,25 @@ class ThroughputMonitor(Callback):
         self._last_step = -1
         self._step_tokens = 0
         self._flops_per_token = 0
+        self.first_step_unix_time: float | None = None  # lets a launcher measure start-up time
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._flops_per_token = pl_module.model.flops_per_token(trainer.datamodule.seq_len)
         self._last_step = trainer.global_step
         self.tokens_seen = trainer.global_step * self._tokens_per_step_estimate(trainer)
 
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.first_step_unix_time is None:
+            self.first_step_unix_time = time.time()
+
     @staticmethod
     def _tokens_per_step_estimate(trainer: L.Trainer) -> int:
         dm = trainer.datamodule
         return dm.batch_size * dm.seq_len * trainer.accumulate_grad_batches * trainer.world_size
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._step_tokens += batch[0].numel() * trainer.world_size
         if trainer.global_step == self._last_step:  # still accumulating gradients
             return

@@ -3,8 +3,9 @@ so checkpoints keep loading when modules move (see DESIGN.md, section 3)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 
 
 @dataclass

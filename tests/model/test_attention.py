@@ -35,7 +35,8 @@ def test_kernel_matches_eager_reference(kernel: str, position: str, attention: d
 def test_sdpa_backward_matches_eager() -> None:
     grads = {}
     for kernel in ("eager", "sdpa"):
-        model = tiny_model(position={"name": "alibi"}, attention={"name": "causal", "kernel": kernel, "n_kv_heads": 2, "window": 7})
+        attention = {"name": "causal", "kernel": kernel, "n_kv_heads": 2, "window": 7}
+        model = tiny_model(position={"name": "alibi"}, attention=attention)
         idx = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
         model.loss(idx[:, :-1], idx[:, 1:]).loss.backward()
         grads[kernel] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
