@@ -37,10 +37,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer = _trainer(cfg)
     trainer.fit(lit, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     summary = _summary(cfg, trainer, lit, time.perf_counter() - started)
+    text = _sample(cfg, lit, datamodule)  # every rank: a sharded model's forward is collective
     if trainer.is_global_zero:
         out = Path(cfg.paths.output_dir)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        _print_sample(cfg, lit, datamodule)
+        print("\n---- sample " + "-" * 60 + f"\n{text}\n" + "-" * 72)
         print(f"run directory: {out}\ncheckpoint:    {summary['checkpoint']}\nsummary:       {out / 'summary.json'}")
     return summary
 
@@ -78,13 +79,13 @@ def _summary(cfg: DictConfig, trainer: L.Trainer, lit: LitLM, wall_s: float) -> 
     }
 
 
-def _print_sample(cfg: DictConfig, lit: LitLM, datamodule: L.LightningDataModule) -> None:
+def _sample(cfg: DictConfig, lit: LitLM, datamodule: L.LightningDataModule) -> str:
     tokenizer = datamodule.tokenizer
     prompt_ids = tokenizer.encode(cfg.sample.prompt) or [tokenizer.eos_id or 0]
     prompt = torch.tensor([prompt_ids], device=lit.device)
     generator = torch.Generator(device=lit.device).manual_seed(cfg.seed)
     ids = sample(lit.model, prompt, cfg.sample.max_new_tokens, cfg.sample.temperature, cfg.sample.top_k, generator)
-    print("\n---- sample " + "-" * 60 + f"\n{tokenizer.decode(ids[0].tolist())}\n" + "-" * 72)
+    return tokenizer.decode(ids[0].tolist())
 
 
 def _peak_memory() -> int:

@@ -72,14 +72,15 @@ class TokenizedCorpus:
 
     def tokens(self, split: str) -> np.ndarray:
         path = self.directory / f"{split}.bin"
+        dtype = np.dtype(self.meta["dtype"])
         expected = self.meta["tokens"][split]
-        data = np.memmap(path, dtype=np.dtype(self.meta["dtype"]), mode="r")
-        if len(data) != expected:
+        size = path.stat().st_size if path.exists() else 0
+        if size != expected * dtype.itemsize:  # checked before mapping: an empty file cannot be mapped
             raise ValueError(
-                f"{path} holds {len(data)} tokens but meta.json says {expected}: the cache is damaged; "
+                f"{path} has {size} bytes but meta.json says {expected} {dtype.name} tokens: the cache is damaged; "
                 f"delete {self.directory} and it will be rebuilt"
             )
-        return data
+        return np.memmap(path, dtype=dtype, mode="r")
 
 
 def build_tokenized(

@@ -13,6 +13,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
+from llmkit.distributed import apply_compile, apply_fsdp
 from llmkit.lit.optim import OPTIMIZERS, SCHEDULES
 from llmkit.model import ModelConfig, Transformer
 
@@ -37,12 +38,10 @@ class LitLM(L.LightningModule):
         if self.model is not None:
             return
         self.model = Transformer(self.model_config())
-        if self.device_mesh is not None:
-            from llmkit.distributed import apply_fsdp
-
-            apply_fsdp(self.model, self.device_mesh, self.trainer.precision)
         if self.hparams.compile:
-            self.model.compile()  # in place: state-dict keys stay the same
+            apply_compile(self.model)
+        if self.device_mesh is not None:
+            apply_fsdp(self.model, self.device_mesh, self.trainer.precision)
 
     def configure_optimizers(self) -> dict[str, Any]:
         optim = dict(self.hparams.optim)

@@ -9,6 +9,7 @@ q_pos[i] - k_pos[j] < w (a token sees itself and the w - 1 before it).
 
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 import torch
@@ -99,7 +100,16 @@ def flex_attention_kernel(q: Tensor, k: Tensor, v: Tensor, ctx: PositionContext,
         def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             return score + bias[h, q_idx, kv_idx]
 
-    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1))
+    attend = _compiled_flex() if q.device.type == "cuda" else flex_attention
+    return attend(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1))
+
+
+@functools.cache
+def _compiled_flex():
+    """FlexAttention is only fused (fast) when compiled; compiled once per process."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
 
 
 @KERNELS.register("xformers")
@@ -125,7 +135,14 @@ def xformers_attention(q: Tensor, k: Tensor, v: Tensor, ctx: PositionContext, wi
         attn_bias = xops.LowerTriangularMask()
     else:
         attn_bias = _aligned_bias(additive_mask(ctx, window, q.dtype), q.size(0), q.size(2))
-    out = xops.memory_efficient_attention(q, k, v, attn_bias=attn_bias, p=dropout_p)
+    try:
+        out = xops.memory_efficient_attention(q, k, v, attn_bias=attn_bias, p=dropout_p)
+    except NotImplementedError as err:  # installed, but its CUDA kernels were built for another torch
+        raise RuntimeError(
+            f"xformers is installed but has no usable CUDA kernel for these inputs (torch {torch.__version__}; "
+            "an xformers wheel only works with the torch it was built for): install the xformers release "
+            "matching this torch, or use model.attention.kernel=sdpa"
+        ) from err
     return out.transpose(1, 2)  # (B, H, T, D)
 
 

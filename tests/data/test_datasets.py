@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import islice
+
 import numpy as np
 import pytest
 import torch
@@ -68,32 +70,20 @@ def test_random_batches_are_deterministic_per_seed_rank_and_index(tokens: np.nda
 
 
 # ---- ResumableBatchSampler -----------------------------------------------------------------------
-def _run_epochs(sampler: ResumableBatchSampler, epochs: int) -> list[list[int]]:
-    out = []
-    for epoch in range(epochs):
-        sampler.set_epoch(epoch)
-        out.append(list(sampler))
-    return out
+def test_sampler_yields_consecutive_global_indices_without_end() -> None:
+    assert list(islice(ResumableBatchSampler(), 5)) == [0, 1, 2, 3, 4]
+    assert list(islice(ResumableBatchSampler(), 10_000))[-1] == 9_999
+    # a second pass starts over: the sampler itself holds no position
+    sampler = ResumableBatchSampler(start=3)
+    assert list(islice(sampler, 3)) == [3, 4, 5]
+    assert list(islice(sampler, 3)) == [3, 4, 5]
 
 
-def test_sampler_epochs_cover_consecutive_global_indices() -> None:
-    per_epoch = _run_epochs(ResumableBatchSampler(7), 3)
-    assert per_epoch == [list(range(0, 7)), list(range(7, 14)), list(range(14, 21))]
-
-
-@pytest.mark.parametrize("consumed", [0, 1, 6, 7, 10, 14, 20, 21])
+@pytest.mark.parametrize("consumed", [0, 1, 7, 1000])
 def test_sampler_resume_yields_exactly_the_rest(consumed: int) -> None:
-    full = [k for epoch in _run_epochs(ResumableBatchSampler(7), 3) for k in epoch]
-    resumed = ResumableBatchSampler(7)
-    resumed.skip_before = consumed
-    epochs = []
-    for epoch in range(3):
-        resumed.set_epoch(epoch)
-        epochs.append(list(resumed))
-        assert len(resumed) == 7  # the nominal epoch length, also while skipping
-    assert [k for epoch in epochs for k in epoch] == full[consumed:]
-    # the resumed epoch ends where the uninterrupted one ends
-    assert all(not e or e[-1] == 7 * (i + 1) - 1 for i, e in enumerate(epochs))
+    uninterrupted = list(islice(ResumableBatchSampler(), consumed + 50))
+    resumed = list(islice(ResumableBatchSampler(start=consumed), 50))
+    assert resumed == uninterrupted[consumed:]
 
 
 # ---- SequentialWindows ---------------------------------------------------------------------------
@@ -132,25 +122,27 @@ def test_sequential_windows_reject_too_few_tokens() -> None:
 
 
 # ---- DataLoader ----------------------------------------------------------------------------------
-def _batches(tokens: np.ndarray, num_workers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    sampler = ResumableBatchSampler(6)
-    sampler.skip_before = 3
+def _batches(tokens: np.ndarray, num_workers: int, start: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     loader = DataLoader(
-        RandomWindowBatches(tokens, T, B, seed=3), batch_size=None, sampler=sampler, num_workers=num_workers
+        RandomWindowBatches(tokens, T, B, seed=3), batch_size=None, sampler=ResumableBatchSampler(start),
+        num_workers=num_workers,
     )
-    out = []
-    for epoch in range(2):
-        sampler.set_epoch(epoch)
-        out += list(loader)
-    return out
+    return list(islice(loader, n))
 
 
 def test_worker_count_does_not_change_batches(tokens: np.ndarray) -> None:
-    serial = _batches(tokens, 0)
-    parallel = _batches(tokens, 2)
-    assert len(serial) == len(parallel) == 3 + 6
+    serial = _batches(tokens, 0, start=3, n=9)
+    parallel = _batches(tokens, 2, start=3, n=9)
+    assert len(serial) == len(parallel) == 9
     ds = RandomWindowBatches(tokens, T, B, seed=3)
     for k, (xs, ys), (xp, yp) in zip(range(3, 12), serial, parallel, strict=True):
         assert xs.shape == (B, T)
         assert torch.equal(xs, xp) and torch.equal(ys, yp)
-        assert torch.equal(xs, ds[k][0])
+        assert torch.equal(xs, ds[k][0]) and torch.equal(ys, ds[k][1])
+
+
+def test_resumed_loader_continues_the_uninterrupted_one(tokens: np.ndarray) -> None:
+    uninterrupted = _batches(tokens, 0, start=0, n=12)
+    resumed = _batches(tokens, 2, start=5, n=7)
+    for (x, y), (ux, uy) in zip(resumed, uninterrupted[5:], strict=True):
+        assert torch.equal(x, ux) and torch.equal(y, uy)

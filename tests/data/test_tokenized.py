@@ -182,7 +182,6 @@ def test_truncated_bin_is_reported_with_its_path(tmp_path: Path) -> None:
     assert len(corpus.tokens("val")) == corpus.meta["tokens"]["val"]  # the other split is fine
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: numpy's memmap error (odd size / empty file) escapes without the path")
 @pytest.mark.parametrize("keep", ["odd", "empty"])
 def test_badly_truncated_bin_is_reported_with_its_path(tmp_path: Path, keep: str) -> None:
     out = tmp_path / "c"

@@ -97,6 +97,8 @@ def test_sentencepiece_special_pieces(kind: str, sp_tokenizers: dict[str, Senten
     assert newline != tok.sp.unk_id()
     assert tok.encode("\n") == [newline]
     assert tok.encode("pass\n\nreturn").count(newline) == 2
+    # indentation is learned as whitespace-only pieces, not spelled out space by space
+    assert len(tok.encode(" " * 8)) <= 3
     # digits are split: no piece holds two digits
     ids = tok.encode("row 12: 2024 1000 + 99")
     assert all(not tok.sp.is_byte(i) for i in ids)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from llmkit.distributed import apply_compile
 from tests.model.helpers import VOCAB, tiny_model
 
 
@@ -8,7 +9,7 @@ from tests.model.helpers import VOCAB, tiny_model
 def test_compiled_model_matches_eager_forward_and_backward() -> None:
     eager = tiny_model(position={"name": "rope"}, attention={"name": "causal", "n_kv_heads": 2})
     compiled = tiny_model(position={"name": "rope"}, attention={"name": "causal", "n_kv_heads": 2})
-    compiled.compile()  # in place, as LitLM does with compile=true: state-dict keys are unchanged
+    apply_compile(compiled)  # in place, as LitLM does with compile=true: state-dict keys are unchanged
     assert compiled.state_dict().keys() == eager.state_dict().keys()
     idx = torch.randint(0, VOCAB, (2, 17))
     losses = [m.loss(idx[:, :-1], idx[:, 1:]).loss for m in (eager, compiled)]
