@@ -153,3 +153,14 @@ def test_bf16_mixed_precision_with_gradient_accumulation(tmp_path: Path) -> None
     assert summary["steps"] == 10
     assert summary["tokens_seen"] == 10 * 2 * 16 * 64, "an optimizer step consumes 2 micro-batches"
     assert math.isfinite(summary["final_val_loss"])
+
+
+@pytest.mark.slow
+def test_two_process_fsdp_rehearsal_on_cpu_writes_a_sharded_checkpoint(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    train(run_dir, tmp_path / "cache", "trainer=fsdp_cpu", "trainer.max_steps=20")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 20 and math.isfinite(summary["final_val_loss"])
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert last.is_dir(), "ModelParallelStrategy writes a distributed (sharded) checkpoint directory"
+    assert sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]

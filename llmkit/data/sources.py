@@ -38,18 +38,23 @@ def text_files(path: str | list[str] | None = None, max_bytes: int | None = None
         matched = sorted(glob.glob(str(Path(pattern).expanduser()), recursive=True))
         if not matched:
             raise FileNotFoundError(f"data.path: nothing matches '{pattern}'")
-        files += [f for f in matched if Path(f).is_file()]
+        matched_files = [f for f in matched if Path(f).is_file()]
+        if not matched_files:
+            raise FileNotFoundError(f"data.path: '{pattern}' matches only directories; use a glob such as '{pattern}/*.txt'")
+        files += matched_files
     docs = [(f, Path(f).read_text(encoding="utf-8", errors="replace")) for f in files]
     return _truncate(docs, max_bytes)
 
 
 def _truncate(docs: list[Document], max_bytes: int | None) -> list[Document]:
+    """Keep documents in order until max_bytes of UTF-8 text; the last one may be cut short."""
     if max_bytes is None:
         return docs
     kept, total = [], 0
     for name, text in docs:
         if total >= max_bytes:
             break
-        kept.append((name, text[: max_bytes - total]))
-        total += len(kept[-1][1])
+        data = text.encode("utf-8")[: max_bytes - total]
+        kept.append((name, data.decode("utf-8", errors="ignore")))  # never split a character
+        total += len(data)
     return kept

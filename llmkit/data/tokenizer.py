@@ -79,7 +79,10 @@ class CharTokenizer:
 
 
 class SentencePieceTokenizer:
-    """sentencepiece model with byte fallback, no text normalisation (code keeps its whitespace)."""
+    """sentencepiece model with byte fallback, no text normalisation (code keeps its whitespace).
+
+    Known limit: sentencepiece uses U+2581 (▁) as its space symbol, so a literal ▁ in the text
+    decodes as a space."""
 
     kind = "sentencepiece"
     model_file = "tokenizer.model"
@@ -96,6 +99,18 @@ class SentencePieceTokenizer:
         # so that code and verse keep their line structure.
         paragraphs = (p for text in texts for p in text.split("\n\n") if p.strip())
         buffer = io.BytesIO()
+        try:
+            cls._train(paragraphs, buffer, vocab_size, model_type)
+        except RuntimeError as err:  # sentencepiece's own message is terse; say what to change
+            raise ValueError(
+                f"sentencepiece could not train a {model_type} tokenizer of {vocab_size} pieces: {err}. "
+                "With byte fallback the vocabulary needs 256 byte pieces + 4 specials + the distinct characters "
+                "of the text: raise data.vocab_size, or use data.tokenizer=char"
+            ) from err
+        return cls(buffer.getvalue())
+
+    @staticmethod
+    def _train(paragraphs: Iterable[str], buffer: io.BytesIO, vocab_size: int, model_type: str) -> None:
         spm.SentencePieceTrainer.train(
             sentence_iterator=paragraphs, model_writer=buffer, vocab_size=vocab_size, model_type=model_type,
             byte_fallback=True, character_coverage=0.9995, normalization_rule_name="identity",
@@ -104,7 +119,6 @@ class SentencePieceTokenizer:
             input_sentence_size=500_000, shuffle_input_sentence=True, num_threads=2, minloglevel=2,
             unk_id=0, bos_id=1, eos_id=2, pad_id=3, hard_vocab_limit=False,
         )
-        return cls(buffer.getvalue())
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)

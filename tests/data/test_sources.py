@@ -114,10 +114,22 @@ def test_stdlib_corpus_has_pydoc_topics_then_modules() -> None:
 def test_stdlib_corpus_is_deterministic_and_truncates() -> None:
     first = stdlib_corpus(max_bytes=200_000)
     assert first == stdlib_corpus(max_bytes=200_000)
-    assert sum(len(t) for _, t in first) == 200_000
+    assert sum(len(t.encode("utf-8")) for _, t in first) == 200_000
     assert stdlib_corpus() == stdlib_corpus()
     # truncation keeps a prefix of the full corpus
     full = stdlib_corpus()
     assert [n for n, _ in first] == [n for n, _ in full[: len(first)]]
     assert first[:-1] == full[: len(first) - 1]
     assert full[len(first) - 1][1].startswith(first[-1][1])
+
+
+def test_max_bytes_counts_utf8_bytes_and_never_splits_a_character(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("é" * 10, encoding="utf-8")  # 2 bytes per character
+    (text,) = [t for _, t in text_files(path=str(tmp_path / "a.txt"), max_bytes=7)]
+    assert text == "ééé"  # 6 bytes; the 4th character would need bytes 7-8
+
+
+def test_path_matching_only_directories_says_so(tmp_path: Path) -> None:
+    (tmp_path / "corpus").mkdir()
+    with pytest.raises(FileNotFoundError, match="matches only directories"):
+        text_files(path=str(tmp_path / "corpus"))

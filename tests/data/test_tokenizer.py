@@ -165,3 +165,9 @@ def test_unknown_tokenizer_lists_valid_names() -> None:
     with pytest.raises(KeyError, match="nope") as info:
         train_tokenizer("nope", ["text"], 100)
     assert "bpe, char, unigram" in str(info.value)
+
+
+def test_vocabulary_too_small_for_the_characters_gives_a_clear_error() -> None:
+    text = "".join(chr(0x4E00 + i) for i in range(200)) * 3  # 200 distinct characters
+    with pytest.raises(ValueError, match="raise data.vocab_size"):
+        train_tokenizer("bpe", [text], 300)
