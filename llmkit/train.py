@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from llmkit.hardware import check_hardware
@@ -48,6 +49,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def _trainer(cfg: DictConfig) -> L.Trainer:
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar it was told not to draw
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = [instantiate(c) for c in cfg.logger.values()] or False
     trainer_cfg = {k: v for k, v in cfg.trainer.items() if k not in _NOT_TRAINER_ARGS}
     return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers)

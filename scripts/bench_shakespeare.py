@@ -28,6 +28,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -96,7 +97,8 @@ def lightning_loop(cfg, data_kwargs: dict, steps: int, out: Path) -> tuple[list[
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0,
         gradient_clip_val=cfg.trainer.gradient_clip_val, log_every_n_steps=10, use_distributed_sampler=False,
-        callbacks=[monitor], logger=L.pytorch.loggers.CSVLogger(out, name="overhead"), enable_checkpointing=False,
+        callbacks=[monitor, instantiate(cfg.callbacks.progress_bar)],  # as configured for real runs
+        logger=L.pytorch.loggers.CSVLogger(out, name="overhead"), enable_checkpointing=False,
         enable_progress_bar=True, enable_model_summary=False,
     )
     trainer.fit(lit, datamodule=datamodule)
@@ -139,8 +141,9 @@ def main() -> None:
             for name, extra in (("gpt (nanoGPT components)", []), ("gqa_rope components", ["model=gqa_rope"])):
                 runs[name] = full_run(name.split()[0], extra, args.steps, args.data, cache, tmp)
         else:  # a short run still measures start-up with the data cached
-            full_run("warm", [], 20, args.data, cache, tmp)
-            runs["gpt (start-up only)"] = full_run("startup", [], 20, args.data, cache, tmp)
+            short = ["trainer.val_check_interval=20"]
+            full_run("warm", short, 20, args.data, cache, tmp)
+            runs["gpt (20 steps)"] = full_run("startup", short, 20, args.data, cache, tmp)
         result = overhead(args.data, cache, args.overhead_steps, tmp)
 
     print(f"\n== full runs: {args.steps} steps, batch 12 x 64 tokens ==")
