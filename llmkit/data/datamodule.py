@@ -127,6 +127,7 @@ class LMDataModule(L.LightningDataModule):
         return {
             "batches_consumed": self.batches_consumed(), "tokenizer_fingerprint": self.corpus.tokenizer.fingerprint,
             "vocab_size": self.vocab_size, "corpus": self.corpus.directory.name,
+            "tokenizer": self.corpus.tokenizer.to_state(),  # the checkpoint alone can decode its samples
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

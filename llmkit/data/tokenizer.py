@@ -29,6 +29,8 @@ class Tokenizer(Protocol):
 
     def save(self, directory: Path) -> None: ...
 
+    def to_state(self) -> dict: ...
+
     @property
     def fingerprint(self) -> str: ...
 
@@ -72,6 +74,9 @@ class CharTokenizer:
     @classmethod
     def load(cls, directory: Path) -> "CharTokenizer":
         return cls(json.loads((directory / _META).read_text())["chars"])
+
+    def to_state(self) -> dict:
+        return {"kind": self.kind, "chars": self.chars}
 
     @property
     def fingerprint(self) -> str:
@@ -134,6 +139,9 @@ class SentencePieceTokenizer:
     def load(cls, directory: Path) -> "SentencePieceTokenizer":
         return cls((directory / cls.model_file).read_bytes())
 
+    def to_state(self) -> dict:
+        return {"kind": self.kind, "model": self.proto}
+
     @property
     def fingerprint(self) -> str:
         return _sha(self.proto)
@@ -166,3 +174,12 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     kind = json.loads(meta_file.read_text())["kind"]
     loaders = {"char": CharTokenizer, "sentencepiece": SentencePieceTokenizer}
     return loaders[kind].load(directory)
+
+
+def tokenizer_from_state(state: dict) -> Tokenizer:
+    """Rebuild a tokenizer from `to_state()`, as stored in checkpoints (plain str/bytes: weights_only-safe)."""
+    if state["kind"] == "char":
+        return CharTokenizer(state["chars"])
+    if state["kind"] == "sentencepiece":
+        return SentencePieceTokenizer(state["model"])
+    raise ValueError(f"unknown tokenizer kind '{state['kind']}' in checkpoint")
