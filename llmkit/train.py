@@ -14,10 +14,12 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from llmkit.hardware import check_hardware
 from llmkit.lit.callbacks import ThroughputMonitor
+from llmkit.lit.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
 from llmkit.lit.module import LitLM
 from llmkit.sampling import sample
 
@@ -36,7 +38,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         model=_plain(cfg.model), optim=_plain(cfg.optim), scheduler=_plain(cfg.scheduler), compile=cfg.compile
     )
     trainer = _trainer(cfg)
-    trainer.fit(lit, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(lit, datamodule=datamodule, ckpt_path=_resume_path(cfg))
     summary = _summary(cfg, trainer, lit, time.perf_counter() - started)
     text = _sample(cfg, lit, datamodule)  # every rank: a sharded model's forward is collective
     if trainer.is_global_zero:
@@ -52,8 +54,29 @@ def _trainer(cfg: DictConfig) -> L.Trainer:
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar it was told not to draw
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = [instantiate(c) for c in cfg.logger.values()] or False
-    trainer_cfg = {k: v for k, v in cfg.trainer.items() if k not in _NOT_TRAINER_ARGS}
-    return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers)
+    trainer_cfg = {k: v for k, v in _plain(cfg.trainer).items() if k not in _NOT_TRAINER_ARGS}
+    plugins: list[Any] = []
+    if SLURMEnvironment.detect():  # llmkit's PreemptionCheckpoint requeues, at a step boundary
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    if not _sharded(trainer_cfg):  # sharded checkpoints are written by the strategy itself
+        plugins.append(AtomicCheckpointIO())
+    return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers, plugins=plugins)
+
+
+def _sharded(trainer_cfg: dict[str, Any]) -> bool:
+    strategy = trainer_cfg.get("strategy")
+    return isinstance(strategy, dict) and "ModelParallel" in str(strategy.get("_target_", ""))
+
+
+def _resume_path(cfg: DictConfig) -> str | None:
+    """ckpt_path=... wins; resume=auto takes the newest complete checkpoint of this run directory."""
+    if cfg.ckpt_path is not None or cfg.get("resume") is None:
+        return cfg.ckpt_path
+    if cfg.resume != "auto":
+        raise ValueError(f"resume={cfg.resume}: valid values are auto and null (or give ckpt_path=...)")
+    found = find_resume_checkpoint(cfg.paths.output_dir)
+    log.info(f"resume=auto: {'resuming from ' + str(found) if found else 'no checkpoint yet, starting fresh'}")
+    return str(found) if found else None
 
 
 def _summary(cfg: DictConfig, trainer: L.Trainer, lit: LitLM, wall_s: float) -> dict[str, Any]:

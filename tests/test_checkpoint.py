@@ -17,7 +17,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("ckpt")
     cmd = [
         sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp / 'run'}", f"data.cache_dir={tmp / 'cache'}",
-        "data.max_bytes=60000", "data.vocab_size=400", "data.seq_len=32", "trainer.max_steps=4",
+        "data.max_bytes=60000", "data.split=tail", "data.vocab_size=400", "data.seq_len=32", "trainer.max_steps=4",
         "trainer.val_check_interval=4", "trainer.enable_progress_bar=false", "sample.max_new_tokens=4",
         "model=gqa_rope", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
     ]

@@ -161,7 +161,7 @@ def test_state_dict_without_trainer(text_file: Path, cache: Path) -> None:
     state = dm.state_dict()
     assert state == {
         "batches_consumed": 0, "tokenizer_fingerprint": dm.tokenizer.fingerprint, "vocab_size": dm.vocab_size,
-        "corpus": dm.corpus.directory.name,
+        "corpus": dm.corpus.directory.name, "tokenizer": dm.tokenizer.to_state(),
     }
 
 

@@ -1,0 +1,8 @@
+"""OmegaConf resolvers used by conf/: registered when llmkit is imported."""
+
+import math
+
+from omegaconf import OmegaConf
+
+# ${mul:${trainer.devices},${trainer.num_nodes}}: FSDP's data-parallel size follows the allocation
+OmegaConf.register_new_resolver("mul", lambda *factors: math.prod(int(f) for f in factors), replace=True)
