@@ -7,6 +7,11 @@ calls `apply_fsdp` with it. The model code never imports anything from here.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -39,3 +44,42 @@ def apply_compile(model: Transformer) -> None:
     far quicker than for the whole model, and FSDP can still wrap the compiled blocks."""
     for block in model.blocks:
         block.compile()
+
+
+def hydra_rank_command(local_rank: int) -> tuple[list[str], str]:
+    """The command Lightning runs to start DDP rank `local_rank` (> 0) on this node.
+
+    Lightning's own version re-runs the script with the parent's sys.argv, so inside a Hydra
+    multirun every rank starts the whole sweep again. Start each rank as a single run of the
+    current job instead: the job's own overrides and its output directory."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import get_original_cwd, to_absolute_path
+
+    hydra_cfg = HydraConfig.get()
+    command = [
+        sys.executable, to_absolute_path(sys.argv[0]), *hydra_cfg.overrides.task,
+        f'hydra.run.dir="{hydra_cfg.runtime.output_dir}"', f"hydra.job.name=train_ddp_process_{local_rank}",
+        "hydra.output_subdir=null",  # rank 0 already wrote the config
+    ]
+    return command, get_original_cwd()
+
+
+def use_hydra_rank_command() -> None:
+    from lightning.pytorch.strategies.launchers import subprocess_script
+
+    subprocess_script._hydra_subprocess_cmd = hydra_rank_command
+
+
+@contextlib.contextmanager
+def process_group_scope() -> Iterator[None]:
+    """Leave no distributed state behind when a run ends: Lightning's DDP launcher sets
+    MASTER_PORT, LOCAL_RANK, WORLD_SIZE... in this process and keeps the process group alive, so the
+    next job of a Hydra multirun would take itself for an already-launched rank on a dead group."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved)

@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
+from llmkit.distributed import process_group_scope, use_hydra_rank_command
 from llmkit.hardware import check_hardware
 from llmkit.lit.callbacks import ThroughputMonitor
 from llmkit.lit.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
@@ -30,6 +31,11 @@ _NOT_TRAINER_ARGS = ("peak_flops_per_device",)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
+    with process_group_scope():  # a multirun's next job starts clean
+        return _run(cfg)
+
+
+def _run(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     check_hardware(cfg.trainer, _choice("trainer"))
     L.seed_everything(cfg.seed, workers=True)
@@ -37,6 +43,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     lit = LitLM(
         model=_plain(cfg.model), optim=_plain(cfg.optim), scheduler=_plain(cfg.scheduler), compile=cfg.compile
     )
+    use_hydra_rank_command()  # DDP ranks start as single runs of this job, also inside a multirun
     trainer = _trainer(cfg)
     trainer.fit(lit, datamodule=datamodule, ckpt_path=_resume_path(cfg))
     summary = _summary(cfg, trainer, lit, time.perf_counter() - started)

@@ -164,3 +164,20 @@ def test_two_process_fsdp_rehearsal_on_cpu_writes_a_sharded_checkpoint(tmp_path:
     last = run_dir / "checkpoints" / "last.ckpt"
     assert last.is_dir(), "ModelParallelStrategy writes a distributed (sharded) checkpoint directory"
     assert sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+
+
+@pytest.mark.slow
+def test_ddp_inside_a_hydra_multirun(tmp_path: Path) -> None:
+    """Each sweep point starts its own 2 DDP ranks, and no rank restarts the sweep."""
+    env = {**os.environ, "LLMKIT_DATA_DIR": str(tmp_path / "cache")}
+    cmd = [
+        sys.executable, str(ROOT / "train.py"), "-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", *FAST,
+        "trainer=ddp_cpu", "trainer.max_steps=10", "seed=1,2",
+    ]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    points = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert [p.name for p in points] == ["0", "1"], "a rank that re-ran the sweep would add directories"
+    seeds = [json.loads((p / "summary.json").read_text())["config"]["seed"] for p in points]
+    assert seeds == [1, 2]
+    assert all(json.loads((p / "summary.json").read_text())["tokens_seen"] == 10 * 16 * 64 * 2 for p in points)
