@@ -27,8 +27,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if path.is_dir():
         raise ValueError(
-            f"{path} is a sharded (distributed) checkpoint directory; load it in a run with the same strategy "
-            "(ckpt_path=...), or consolidate it into a single file first"
+            f"{path} is a sharded (distributed) checkpoint directory; resume it with ckpt_path=... in a sharded run, "
+            f"or make a single file for inference: python scripts/consolidate_checkpoint.py {path} out.ckpt"
         )
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -42,3 +42,22 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     data_state = checkpoint.get(_DATA_STATE, {})
     tokenizer = tokenizer_from_state(data_state["tokenizer"]) if "tokenizer" in data_state else None
     return Loaded(model.eval(), tokenizer, int(checkpoint.get("global_step", 0)), checkpoint)
+
+
+def consolidate(sharded_dir: str | Path, out_file: str | Path) -> Path:
+    """Merge a sharded checkpoint directory (FSDP, ModelParallelStrategy) into one file for
+    inference: full model weights plus the run's metadata (model config, tokenizer, step); the
+    optimizer state is left out. Written atomically, so a crash never leaves a partial file."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    sharded_dir, out_file = Path(sharded_dir), Path(out_file)
+    if not (sharded_dir / ".metadata").exists() or not (sharded_dir / "meta.pt").exists():
+        raise ValueError(f"{sharded_dir} is not a complete sharded checkpoint (needs .metadata and meta.pt)")
+    tmp = out_file.with_name(out_file.name + ".tmp")
+    dcp_to_torch_save(sharded_dir, tmp)  # every shard gathered into full tensors
+    shards = torch.load(tmp, map_location="cpu", weights_only=True)
+    checkpoint = torch.load(sharded_dir / "meta.pt", map_location="cpu", weights_only=True)
+    checkpoint["state_dict"] = shards["state_dict"]
+    torch.save(checkpoint, tmp)
+    tmp.replace(out_file)
+    return out_file

@@ -1,9 +1,10 @@
-"""Autoregressive sampling by full recomputation (the KV-cache generator lives elsewhere)."""
+"""The end-of-training sample (llmkit/train.py): a thin wrapper over llmkit.generation."""
 
 from __future__ import annotations
 
 import torch
 
+from llmkit.generation import generate
 from llmkit.model import Transformer
 
 
@@ -12,20 +13,7 @@ def sample(
     model: Transformer, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """prompt: (B, T) ids -> (B, T + max_new_tokens). temperature 0 is greedy."""
-    was_training = model.training
-    model.eval()
-    ids = prompt
-    for _ in range(max_new_tokens):
-        logits = model(ids[:, -model.cfg.max_seq_len :])[:, -1, :].float()  # (B, V)
-        if temperature == 0:
-            next_id = logits.argmax(dim=-1, keepdim=True)
-        else:
-            logits = logits / temperature
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            next_id = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
-        ids = torch.cat([ids, next_id], dim=1)
-    model.train(was_training)
-    return ids
+    """prompt: (B, T) ids -> (B, T + max_new_tokens). temperature 0 is greedy. Decodes with the KV
+    cache; without stop tokens every rank runs the same forwards, as a sharded (FSDP) model needs."""
+    new = generate(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+    return torch.cat([prompt, torch.tensor(new, dtype=prompt.dtype, device=prompt.device)], dim=1)

@@ -41,7 +41,8 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     lit = LitLM(
-        model=_plain(cfg.model), optim=_plain(cfg.optim), scheduler=_plain(cfg.scheduler), compile=cfg.compile
+        model=_plain(cfg.model), optim=_plain(cfg.optim), scheduler=_plain(cfg.scheduler), compile=cfg.compile,
+        activation_checkpointing=cfg.activation_checkpointing,
     )
     use_hydra_rank_command()  # DDP ranks start as single runs of this job, also inside a multirun
     trainer = _trainer(cfg)

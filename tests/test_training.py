@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from llmkit.checkpoint import consolidate, load_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 # small stdlib corpus, char-level: builds in a second, and nominal epochs of 17 batches, so
 # 40 steps cross epoch boundaries and a resume at step 20 lands mid-epoch
@@ -164,6 +166,19 @@ def test_two_process_fsdp_rehearsal_on_cpu_writes_a_sharded_checkpoint(tmp_path:
     last = run_dir / "checkpoints" / "last.ckpt"
     assert last.is_dir(), "ModelParallelStrategy writes a distributed (sharded) checkpoint directory"
     assert sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+
+    # one file for inference: full weights that give the run's own validation loss
+    single = consolidate(last, tmp_path / "model.ckpt")
+    loaded = load_checkpoint(single)
+    assert loaded.step == 20 and loaded.tokenizer is not None
+    meta = json.loads(next((tmp_path / "cache").glob("*/meta.json")).read_text())
+    val = np.fromfile(next((tmp_path / "cache").glob("*/val.bin")), dtype=meta["dtype"]).astype(np.int64)
+    n = min((len(val) - 1) // 64, 32)  # the validation windows the run used (data.val_windows=32)
+    windows = torch.from_numpy(val[: n * 64 + 1])
+    inputs, targets = windows[:-1].view(n, 64), windows[1:].view(n, 64)
+    with torch.no_grad():
+        loss = loaded.model.loss(inputs, targets).ce.item()
+    assert loss == pytest.approx(summary["final_val_loss"], rel=1e-4)
 
 
 @pytest.mark.slow

@@ -13,14 +13,15 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
-from llmkit.distributed import apply_compile, apply_fsdp
+from llmkit.distributed import apply_activation_checkpointing, apply_compile, apply_fsdp
 from llmkit.lit.optim import OPTIMIZERS, SCHEDULES
 from llmkit.model import ModelConfig, Transformer
 
 
 class LitLM(L.LightningModule):
     def __init__(
-        self, model: dict[str, Any], optim: dict[str, Any], scheduler: dict[str, Any], compile: bool = False
+        self, model: dict[str, Any], optim: dict[str, Any], scheduler: dict[str, Any], compile: bool = False,
+        activation_checkpointing: str = "none",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -38,6 +39,7 @@ class LitLM(L.LightningModule):
         if self.model is not None:
             return
         self.model = Transformer(self.model_config())
+        apply_activation_checkpointing(self.model, self.hparams.activation_checkpointing)
         if self.hparams.compile:
             apply_compile(self.model)
         if self.device_mesh is not None:
@@ -60,6 +62,9 @@ class LitLM(L.LightningModule):
         self.log("train/loss", out.loss, prog_bar=True)
         for name, value in out.aux.items():
             self.log(f"train/aux/{name}", value)
+        if self._logging_step():  # statistics the model reports, such as MoE expert load
+            for name, value in out.metrics.items():
+                self.log(f"train/{name}", value)
         return out.loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -75,10 +80,15 @@ class LitLM(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # pre-clipping norm, only on logging steps: it costs a pass over every gradient
-        if self.global_step % self.trainer.log_every_n_steps == 0:
+        if self._logging_step():
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
             self.log("train/lr", optimizer.param_groups[0]["lr"])
+
+    def _logging_step(self) -> bool:
+        """Whether Lightning writes this step's logs: it does when (step + 1) % log_every_n_steps == 0,
+        and a value logged on another step would be written late, as if from this one."""
+        return (self.global_step + 1) % self.trainer.log_every_n_steps == 0
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

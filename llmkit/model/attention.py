@@ -48,13 +48,22 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, ctx: PositionContext) -> Tensor:
+        q, k, v = self.project(x, ctx)
+        y = self.kernel(q, k, v, ctx, self.window, self.dropout if self.training else 0.0)  # (B, H, T, D)
+        return self.output(y)
+
+    def project(self, x: Tensor, ctx: PositionContext) -> tuple[Tensor, Tensor, Tensor]:
+        """x: (B, T, C) -> q (B, H, T, D), k and v (B, Hkv, T, D), rotated at their positions (RoPE).
+        Generation (llmkit/generation/decode.py) reuses this and `output` around a KV cache."""
         B, T, C = x.shape
         kv_dim = self.n_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([C, kv_dim, kv_dim], dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        q, k = ctx.rotate_q(q), ctx.rotate_k(k)
-        y = self.kernel(q, k, v, ctx, self.window, self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, H * D)
-        return self.resid_dropout(self.wo(y))
+        return ctx.rotate_q(q), ctx.rotate_k(k), v
+
+    def output(self, y: Tensor) -> Tensor:
+        """y: (B, H, T, D) attention output -> (B, T, C)."""
+        B, H, T, D = y.shape
+        return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, T, H * D)))

@@ -25,3 +25,5 @@ def init_weights(model: nn.Module, std: float, n_layers: int) -> None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, 0.0, std)
+        elif hasattr(module, "init_parameters"):  # raw parameters, such as stacked MoE expert weights
+            module.init_parameters(std, residual_std)

@@ -30,16 +30,17 @@ KERNELS: Registry[AttentionKernel] = Registry("attention kernel")
 
 
 def visible(ctx: PositionContext, window: int | None) -> Tensor:
-    """(T, S) bool: which keys each query may attend to."""
-    offset = ctx.q_pos[:, None] - ctx.k_pos[None, :]  # (T, S)
+    """(T, S) bool, or (B, 1, T, S) for per-row positions: which keys each query may attend to."""
+    offset = ctx.q_pos[..., :, None] - ctx.k_pos[..., None, :]  # (T, S) or (B, T, S)
     allowed = offset >= 0
     if window is not None:
         allowed &= offset < window
-    return allowed
+    return allowed if allowed.dim() == 2 else allowed[:, None]
 
 
 def additive_mask(ctx: PositionContext, window: int | None, dtype: torch.dtype) -> Tensor:
-    """(H or 1, T, S) float: position bias where visible, -inf elsewhere."""
+    """(H or 1, T, S) float, or (B, H or 1, T, S) for per-row positions: position bias where visible,
+    -inf elsewhere."""
     blocked = torch.zeros((), dtype=dtype, device=ctx.q_pos.device)
     mask = torch.where(visible(ctx, window), blocked, float("-inf"))
     return mask if ctx.bias is None else ctx.bias.to(dtype) + mask
@@ -60,10 +61,11 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, ctx: PositionContext, windo
 
 @KERNELS.register("sdpa")
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, ctx: PositionContext, window: int | None, dropout_p: float) -> Tensor:
-    """torch's fused kernels. Plain causal attention with T == S (training, prefill) takes the
-    is_causal fast path, which lets torch pick flash attention; anything else passes a mask."""
+    """torch's fused kernels. Plain causal attention with T == S and positions shared by the batch
+    (training, prefill) takes the is_causal fast path, which lets torch pick flash attention;
+    anything else passes a mask."""
     gqa = q.size(1) != k.size(1)
-    plain_causal = ctx.bias is None and window is None and q.size(2) == k.size(2)
+    plain_causal = ctx.bias is None and window is None and q.size(2) == k.size(2) and ctx.q_pos.dim() == 1
     if plain_causal:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
     if ctx.bias is None:
@@ -85,20 +87,23 @@ def flex_attention_kernel(q: Tensor, k: Tensor, v: Tensor, ctx: PositionContext,
             "kernel=flex has no backward pass on CPU; train with model.attention.kernel=sdpa "
             "(flex works on CPU for inference, and for training on CUDA)"
         )
-    q_pos, k_pos = ctx.q_pos, ctx.k_pos
+    per_row = ctx.q_pos.dim() == 2  # positions (B, T): masks and biases differ between rows
+    q_pos, k_pos = (p if per_row else p[None] for p in (ctx.q_pos, ctx.k_pos))  # (B or 1, T), (B or 1, S)
     allowed_offset = window if window is not None else q_pos.numel() + k_pos.numel() + 1
 
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        offset = q_pos[q_idx] - k_pos[kv_idx]
+        row = b if per_row else 0
+        offset = q_pos[row, q_idx] - k_pos[row, kv_idx]
         return (offset >= 0) & (offset < allowed_offset)
 
-    block_mask = create_block_mask(mask_mod, None, None, q.size(2), k.size(2), device=q.device)
+    block_mask = create_block_mask(mask_mod, q.size(0) if per_row else None, None, q.size(2), k.size(2), device=q.device)
     score_mod = None
     if ctx.bias is not None:
-        bias = ctx.bias.to(q.dtype).expand(q.size(1), -1, -1)  # (H, T, S)
+        bias = ctx.bias.to(q.dtype)
+        bias = bias.expand(q.size(0), q.size(1), -1, -1) if per_row else bias.expand(q.size(1), -1, -1)[None]
 
         def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            return score + bias[h, q_idx, kv_idx]
+            return score + bias[b if per_row else 0, h, q_idx, kv_idx]
 
     attend = _compiled_flex() if q.device.type == "cuda" else flex_attention
     return attend(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1))
@@ -131,7 +136,7 @@ def xformers_attention(q: Tensor, k: Tensor, v: Tensor, ctx: PositionContext, wi
     k = k.repeat_interleave(groups, dim=1)
     v = v.repeat_interleave(groups, dim=1)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, T, H, D): xformers' layout
-    if ctx.bias is None and window is None and q.size(1) == k.size(1):
+    if ctx.bias is None and window is None and q.size(1) == k.size(1) and ctx.q_pos.dim() == 1:
         attn_bias = xops.LowerTriangularMask()
     else:
         attn_bias = _aligned_bias(additive_mask(ctx, window, q.dtype), q.size(0), q.size(2))

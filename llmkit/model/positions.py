@@ -6,6 +6,9 @@ A scheme can act in three places, and each scheme overrides only the ones it use
              rotary tables for q and k (RoPE) or an additive score bias (ALiBi, T5).
 The transformer builds one scheme and hands its context to every block, so tables and
 learned biases are shared across layers.
+
+Positions are (T,), shared by every row of the batch (training), or (B, T), one row per sequence
+(generation decodes prompts of different lengths in lockstep); every shape below gains that B.
 """
 
 from __future__ import annotations
@@ -25,11 +28,11 @@ POSITIONS: Registry["PositionScheme"] = Registry("position")
 class PositionContext:
     """Everything position-related one attention call needs; built once per forward."""
 
-    q_pos: Tensor  # (T,) absolute positions of the queries
-    k_pos: Tensor  # (S,) absolute positions of the keys
-    bias: Tensor | None = None  # (H or 1, T, S) added to attention scores
-    q_rotary: tuple[Tensor, Tensor] | None = None  # cos, sin: (T, head_dim)
-    k_rotary: tuple[Tensor, Tensor] | None = None  # cos, sin: (S, head_dim)
+    q_pos: Tensor  # (T,) or (B, T) absolute positions of the queries
+    k_pos: Tensor  # (S,) or (B, S) absolute positions of the keys
+    bias: Tensor | None = None  # (H or 1, T, S) or (B, H, T, S) added to attention scores
+    q_rotary: tuple[Tensor, Tensor] | None = None  # cos, sin: (T, head_dim) or (B, 1, T, head_dim)
+    k_rotary: tuple[Tensor, Tensor] | None = None  # cos, sin: (S, head_dim) or (B, 1, S, head_dim)
 
     def rotate_q(self, q: Tensor) -> Tensor:
         return q if self.q_rotary is None else apply_rotary(q, *self.q_rotary)
@@ -44,7 +47,7 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: (B, H, T, D); cos, sin: (T, D). Half-split convention, as in Hugging Face Llama."""
+    """x: (B, H, T, D); cos, sin: (T, D) or (B, 1, T, D). Half-split convention, as in Hugging Face Llama."""
     return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
 
 
@@ -101,8 +104,10 @@ class RotaryPositions(PositionScheme):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def _table(self, pos: Tensor) -> tuple[Tensor, Tensor]:
-        freqs = torch.outer(pos.float(), self.inv_freq)  # (T, D/2)
-        angles = torch.cat((freqs, freqs), dim=-1)  # (T, D)
+        freqs = pos.float()[..., None] * self.inv_freq  # (T, D/2) or (B, T, D/2)
+        angles = torch.cat((freqs, freqs), dim=-1)  # (T, D) or (B, T, D)
+        if angles.dim() == 3:
+            angles = angles[:, None]  # (B, 1, T, D): the same for every head
         return angles.cos(), angles.sin()
 
     def context(self, q_pos: Tensor, k_pos: Tensor) -> PositionContext:
@@ -132,8 +137,9 @@ class ALiBiPositions(PositionScheme):
         self.register_buffer("slopes", alibi_slopes(n_heads), persistent=False)
 
     def context(self, q_pos: Tensor, k_pos: Tensor) -> PositionContext:
-        distance = (k_pos[None, :] - q_pos[:, None]).float()  # (T, S), <= 0 where visible
-        return PositionContext(q_pos, k_pos, bias=self.slopes[:, None, None] * distance)
+        distance = (k_pos[..., None, :] - q_pos[..., :, None]).float()  # (T, S) or (B, T, S), <= 0 where visible
+        bias = self.slopes[:, None, None] * distance.unsqueeze(-3)  # (H, T, S) or (B, H, T, S)
+        return PositionContext(q_pos, k_pos, bias=bias)
 
 
 @POSITIONS.register("t5")
@@ -156,6 +162,6 @@ class T5RelativeBias(PositionScheme):
         return torch.where(distance < exact, distance, far)
 
     def context(self, q_pos: Tensor, k_pos: Tensor) -> PositionContext:
-        buckets = self.bucket(q_pos[:, None] - k_pos[None, :])  # (T, S)
-        bias = self.bias_table(buckets).permute(2, 0, 1)  # (H, T, S)
+        buckets = self.bucket(q_pos[..., :, None] - k_pos[..., None, :])  # (T, S) or (B, T, S)
+        bias = self.bias_table(buckets).movedim(-1, -3)  # (H, T, S) or (B, H, T, S)
         return PositionContext(q_pos, k_pos, bias=bias)

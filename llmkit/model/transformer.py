@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from llmkit.model.attention import ATTENTION
 from llmkit.model.block import BLOCKS
 from llmkit.model.config import ModelConfig
-from llmkit.model.ffn import FFNS, AuxLossProvider
+from llmkit.model.ffn import FFNS, AuxLossProvider, MetricsProvider
 from llmkit.model.init import init_weights
 from llmkit.model.norm import NORMS
 from llmkit.model.positions import POSITIONS
@@ -29,6 +29,13 @@ class LossOutput:
     ce: Tensor  # language-modelling cross-entropy alone (nats per token)
     logits: Tensor  # (B, T, V)
     aux: dict[str, Tensor] = field(default_factory=dict)
+    metrics: dict[str, Tensor] = field(default_factory=dict)  # detached statistics to log (MoE load...)
+
+
+def _unwrapped(name: str) -> str:
+    """A module's name without the segments that wrappers applied from outside add (activation
+    checkpointing, torch.compile), so logged names do not depend on how the model was run."""
+    return ".".join(part for part in name.split(".") if part not in ("_checkpoint_wrapped_module", "_orig_mod"))
 
 
 def build(registry: Registry[Any], spec: dict[str, Any], where: str, **shared: Any) -> Any:
@@ -50,7 +57,7 @@ class Transformer(nn.Module):
             d_model=cfg.d_model, n_heads=cfg.n_heads, head_dim=cfg.head_dim, max_seq_len=cfg.max_seq_len,
         )
         self.dropout = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(self._block() for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(self._block(i) for i in range(cfg.n_layers))
         final_norm = BLOCKS.get(cfg.block["name"]).final_norm
         self.norm = self._norm() if final_norm else nn.Identity()
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -61,21 +68,22 @@ class Transformer(nn.Module):
     def _norm(self) -> nn.Module:
         return build(NORMS, self.cfg.norm, "norm", dim=self.cfg.d_model, bias=self.cfg.bias)
 
-    def _block(self) -> nn.Module:
+    def _block(self, layer: int) -> nn.Module:
         cfg = self.cfg
         attention = build(
             ATTENTION, cfg.attention, "attention",
             d_model=cfg.d_model, n_heads=cfg.n_heads, bias=cfg.bias, dropout=cfg.dropout,
         )
-        ffn = build(FFNS, cfg.ffn, "ffn", d_model=cfg.d_model, bias=cfg.bias, dropout=cfg.dropout)
+        ffn = build(FFNS, cfg.ffn, "ffn", d_model=cfg.d_model, bias=cfg.bias, dropout=cfg.dropout, layer=layer)
         return build(BLOCKS, cfg.block, "block", attention=attention, ffn=ffn, norm_1=self._norm(), norm_2=self._norm())
 
-    def forward(self, idx: Tensor) -> Tensor:
-        """idx: (B, T) token ids -> logits (B, T, V)."""
+    def forward(self, idx: Tensor, positions: Tensor | None = None) -> Tensor:
+        """idx: (B, T) token ids -> logits (B, T, V). positions: (T,) or (B, T), arange(T) unless
+        given (generation passes later positions; see llmkit/generation)."""
         T = idx.size(1)
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        pos = torch.arange(T, device=idx.device)
+        pos = torch.arange(T, device=idx.device) if positions is None else positions
         ctx = self.position.context(pos, pos)
         x = self.dropout(self.position.embed(self.tok_emb(idx), pos))  # (B, T, C)
         for block in self.blocks:
@@ -87,15 +95,22 @@ class Transformer(nn.Module):
         logits = self(idx)
         ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         aux = self.pop_aux_losses()
-        return LossOutput(loss=ce + sum(aux.values()), ce=ce, logits=logits, aux=aux)
+        return LossOutput(loss=ce + sum(aux.values()), ce=ce, logits=logits, aux=aux, metrics=self.pop_metrics())
 
     def pop_aux_losses(self) -> dict[str, Tensor]:
         losses: dict[str, Tensor] = {}
         for name, module in self.named_modules():
             if module is not self and isinstance(module, AuxLossProvider):
                 for key, value in module.pop_aux_losses().items():
-                    losses[f"{name}.{key}"] = value
+                    losses[f"{_unwrapped(name)}.{key}"] = value
         return losses
+
+    def pop_metrics(self) -> dict[str, Tensor]:
+        metrics: dict[str, Tensor] = {}
+        for module in self.modules():
+            if module is not self and isinstance(module, MetricsProvider):
+                metrics.update(module.pop_metrics())
+        return metrics
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -106,5 +121,6 @@ class Transformer(nn.Module):
         lookups = sum(p.numel() for p in self.position.parameters())
         if not self.cfg.tie_embeddings:
             lookups += self.tok_emb.weight.numel()
-        matmul_params = self.num_params() - lookups
+        inactive = sum(m.inactive_params() for m in self.modules() if hasattr(m, "inactive_params"))  # MoE experts
+        matmul_params = self.num_params() - lookups - inactive
         return 6 * matmul_params + 12 * self.cfg.n_layers * self.cfg.d_model * seq_len

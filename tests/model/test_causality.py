@@ -16,7 +16,7 @@ ATTENTION = {
     "mqa": {"n_kv_heads": 1},
     "sliding_window": {"n_kv_heads": None, "window": 5},
 }
-FFNS = ["mlp", "swiglu"]
+FFNS = ["mlp", "swiglu", "moe"]  # moe: its defaults, 8 experts, top-2, dropless
 
 
 @pytest.mark.parametrize(

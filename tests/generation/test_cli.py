@@ -1,0 +1,101 @@
+"""scripts/generate.py end to end, on a checkpoint trained here: it streams and exits 0."""
+
+import importlib.util
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmkit.checkpoint import load_checkpoint
+from llmkit.generation import IncrementalDetokenizer, generate, stream_text
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMPT = "def main():\n    "
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("generate")
+    cmd = [
+        sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp / 'run'}", f"data.cache_dir={tmp / 'cache'}",
+        "data.max_bytes=60000", "data.split=tail", "data.vocab_size=400", "data.seq_len=32", "trainer.max_steps=4",
+        "trainer.val_check_interval=4", "trainer.enable_progress_bar=false", "sample.max_new_tokens=4",
+        "model=gqa_rope", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
+    ]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    return tmp / "run" / "checkpoints" / "last.ckpt"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "scripts" / "generate.py"), *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def _expected(ckpt: Path, max_new_tokens: int, **options: object) -> str:
+    loaded = load_checkpoint(ckpt)
+    generator = torch.Generator().manual_seed(5)
+    return PROMPT + "".join(stream_text(loaded.model, loaded.tokenizer, PROMPT, max_new_tokens, generator=generator, **options))
+
+
+def test_cli_prints_prompt_and_continuation_and_exits_0(ckpt: Path) -> None:
+    # the prompt reaches the CLI with \n escapes, as typed in a shell
+    result = _cli(f"ckpt={ckpt}", "prompt=def main():\\n    ", "max_new_tokens=40", "seed=5", "device=cpu")
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected = _expected(ckpt, 40, temperature=0.8, top_k=50, top_p=1.0)
+    assert result.stdout == expected + "\n"
+    assert len(expected) > len(PROMPT)
+
+
+def test_cli_stops_at_a_stop_string(ckpt: Path) -> None:
+    free = _expected(ckpt, 40, temperature=0)[len(PROMPT) :]
+    middle = len(free) // 2
+    stop = free[middle : middle + 2].replace("\\", "x")  # two characters from the middle (no escapes)
+    result = _cli(f"ckpt={ckpt}", "prompt=def main():\\n    ", "max_new_tokens=40", "temperature=0", f"stop={stop}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout == PROMPT + free[: free.index(stop)] + "\n"
+
+
+def test_cli_writes_each_piece_as_it_arrives(ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = importlib.util.spec_from_file_location("generate_cli", ROOT / "scripts" / "generate.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+
+    class Recorder(io.StringIO):
+        flushed: list[str] = []
+
+        def flush(self) -> None:
+            self.flushed.append(self.getvalue())
+
+    out = Recorder()
+    monkeypatch.setattr(sys, "stdout", out)
+    cli.main([f"ckpt={ckpt}", f"prompt={PROMPT}", "max_new_tokens=20", "temperature=0", "device=cpu"])
+    snapshots = out.flushed
+    assert len(snapshots) >= 5, "one flush per printed piece"
+    assert all(b.startswith(a) and len(b) > len(a) for a, b in zip(snapshots, snapshots[1:], strict=False))
+    assert out.getvalue() == _expected(ckpt, 20, temperature=0) + "\n"
+
+
+def test_streamed_text_is_the_decoded_tokens_and_multibyte_characters_print_whole(ckpt: Path) -> None:
+    loaded = load_checkpoint(ckpt)
+    tokenizer = loaded.tokenizer
+    ids = tokenizer.encode(PROMPT)
+    new = generate(loaded.model, [ids], 30, temperature=0, stop_ids=[tokenizer.eos_id])[0]
+    streamed = "".join(stream_text(loaded.model, tokenizer, PROMPT, 30, temperature=0))
+    assert streamed == tokenizer.decode(ids + new)[len(PROMPT) :]
+
+    text = "naïve € 🙂"  # not in the training text: byte-fallback pieces, several per character
+    pieces = IncrementalDetokenizer(tokenizer, ids)
+    out = [pieces.push(t) for t in tokenizer.encode(text)] + [pieces.flush()]
+    assert "".join(out) == text and not any("\ufffd" in p for p in out)
+
+
+def test_cli_rejects_unknown_and_missing_arguments(ckpt: Path) -> None:
+    result = _cli(f"ckpt={ckpt}", "temprature=0.5")
+    assert result.returncode != 0 and "temperature" in result.stderr
+    result = _cli("prompt=hi")
+    assert result.returncode != 0 and "ckpt=" in result.stderr
