@@ -196,3 +196,19 @@ def test_ddp_inside_a_hydra_multirun(tmp_path: Path) -> None:
     seeds = [json.loads((p / "summary.json").read_text())["config"]["seed"] for p in points]
     assert seeds == [1, 2]
     assert all(json.loads((p / "summary.json").read_text())["tokens_seen"] == 10 * 16 * 64 * 2 for p in points)
+
+
+@pytest.mark.slow
+def test_sharded_checkpoint_resumes_at_a_different_world_size(tmp_path: Path) -> None:
+    """Written by 2 FSDP ranks, resumed by 1: the distributed checkpoint reshards on load."""
+    cache = tmp_path / "cache"
+    train(tmp_path / "two", cache, "trainer=fsdp_cpu", "trainer.max_steps=20")
+    ckpt = tmp_path / "two" / "checkpoints" / "last.ckpt"
+    result = train(tmp_path / "one", cache, "trainer=fsdp_cpu", "trainer.devices=1", "trainer.max_steps=30",
+                   f"ckpt_path={ckpt}")
+    assert "Restored all states from the checkpoint" in result.stdout + result.stderr
+    resumed = metrics(tmp_path / "one", "train/loss")
+    assert min(resumed) == 20, "training continues at step 21, not from scratch"
+    before = json.loads((tmp_path / "two" / "summary.json").read_text())["final_val_loss"]
+    after = json.loads((tmp_path / "one" / "summary.json").read_text())["final_val_loss"]
+    assert after < before
