@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.device_mesh import DeviceMesh
 
+from llmkit.lit.checkpointing import replace_directory
 from llmkit.model import Transformer
 
 
@@ -101,3 +106,23 @@ def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
     for i, block in enumerate(model.blocks):
         if i % every[mode] == 0:
             model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=True)
+
+
+class AtomicModelParallelStrategy(ModelParallelStrategy):
+    """Lightning's FSDP2 strategy, writing sharded checkpoints into `<name>.tmp` first: every rank
+    writes its shard there, and only when all are done does rank 0 swap it into place."""
+
+    def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any | None = None) -> None:
+        path = Path(self.broadcast(str(filepath)))
+        tmp = path.with_name(path.name + ".tmp")
+        if self.global_rank == 0 and tmp.is_dir():  # left by a crash during an earlier save
+            shutil.rmtree(tmp)
+        self.barrier()
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        self.barrier()
+        if self.global_rank == 0:
+            if tmp.is_dir():
+                replace_directory(tmp, path)
+            else:  # save_distributed_checkpoint=false: one consolidated file
+                os.replace(tmp, path)
+        self.barrier()

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
+import subprocess
+import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +35,66 @@ _NOT_TRAINER_ARGS = ("peak_flops_per_device",)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    with process_group_scope():  # a multirun's next job starts clean
-        return _run(cfg)
+    """One run. Inside a multirun a failing point writes summary.json with status "failed" and the sweep goes on."""
+    failed = False
+    try:
+        with process_group_scope():  # a multirun's next job starts clean
+            return _run(cfg)
+    except Exception as error:
+        failed = True
+        summary = _failed_summary(cfg, error)
+        if not _multirun():
+            raise
+        log.error(f"this sweep point failed; the sweep goes on ({summary.get('summary_path')}):\n{summary['traceback']}")
+        return summary
+    finally:
+        _finish_wandb(failed)
+
+
+def _multirun() -> bool:
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _failed_summary(cfg: DictConfig, error: BaseException) -> dict[str, Any]:
+    summary: dict[str, Any] = {
+        "status": "failed", "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc(),
+        "choices": _choices(), "git_commit": _git_commit(),
+    }
+    try:
+        summary["config"] = OmegaConf.to_container(cfg, resolve=True)
+        out = Path(cfg.paths.output_dir)
+        if int(os.environ.get("RANK", "0")) == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            summary["summary_path"] = str(out / "summary.json")
+    except Exception as inner:  # a config that does not even resolve: the error above says why
+        log.warning(f"could not write the failed run's summary: {inner}")
+    return summary
+
+
+def _finish_wandb(failed: bool) -> None:
+    """A multirun runs its jobs in one process: each job's wandb run must end before the next starts."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=1 if failed else 0)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+def _log_run_info(trainer: L.Trainer, summary: dict[str, Any]) -> None:
+    """Every logger gets the resolved config, the git commit and the parameter count (wandb: its run config)."""
+    info = {**summary["config"], "git_commit": summary["git_commit"], "params": summary["params"]}
+    for logger in trainer.loggers:
+        logger.log_hyperparams(info)
+        logger.save()
 
 
 def _run(cfg: DictConfig) -> dict[str, Any]:
@@ -48,6 +110,7 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     trainer = _trainer(cfg)
     trainer.fit(lit, datamodule=datamodule, ckpt_path=_resume_path(cfg))
     summary = _summary(cfg, trainer, lit, time.perf_counter() - started)
+    _log_run_info(trainer, summary)
     text = _sample(cfg, lit, datamodule)  # every rank: a sharded model's forward is collective
     if trainer.is_global_zero:
         out = Path(cfg.paths.output_dir)
@@ -96,6 +159,7 @@ def _summary(cfg: DictConfig, trainer: L.Trainer, lit: LitLM, wall_s: float) -> 
     tokens_per_step = dm.batch_size * dm.seq_len * trainer.accumulate_grad_batches * trainer.world_size
     perf = throughput.summary(tokens_per_step, trainer.world_size) if throughput else {}
     return {
+        "status": "completed",
         "final_val_loss": _float(val_loss),
         "final_val_ppl": _float(val_loss.exp()) if val_loss is not None else None,
         "best_val_loss": _float(best),
@@ -109,6 +173,7 @@ def _summary(cfg: DictConfig, trainer: L.Trainer, lit: LitLM, wall_s: float) -> 
         "checkpoint": (checkpoint.best_model_path or checkpoint.last_model_path) if checkpoint else None,
         "last_checkpoint": checkpoint.last_model_path if checkpoint else None,
         "choices": _choices(),
+        "git_commit": _git_commit(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
 

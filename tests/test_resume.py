@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmkit.lit.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
+from llmkit.lit.checkpointing import AtomicCheckpointIO, find_resume_checkpoint, replace_directory
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -81,3 +81,28 @@ def test_atomic_save_never_leaves_a_partial_file_under_the_real_name(tmp_path: P
         io.save_checkpoint({"step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}, "the previous checkpoint survives a failed save"
+
+
+def test_replacing_a_sharded_checkpoint_keeps_the_old_one_until_the_new_one_is_in_place(tmp_path: Path) -> None:
+    path, new = tmp_path / "last.ckpt", tmp_path / "last.ckpt.tmp"
+    for d, tag in ((path, b"old"), (new, b"new")):
+        d.mkdir()
+        (d / ".metadata").write_bytes(tag)
+        (d / "meta.pt").write_bytes(tag)
+    original_rename = Path.rename
+
+    def crash_after_first_rename(self: Path, target: Path) -> Path:
+        if self == new:
+            raise OSError("killed between the renames")
+        return original_rename(self, target)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Path, "rename", crash_after_first_rename)
+        with pytest.raises(OSError):
+            replace_directory(new, path)
+    survivor = find_resume_checkpoint(tmp_path)
+    assert survivor == tmp_path / "last.ckpt.old" and (survivor / ".metadata").read_bytes() == b"old"
+
+    replace_directory(new, path)  # the next save completes the swap
+    assert (path / ".metadata").read_bytes() == b"new" and not new.exists()
+    assert not (tmp_path / "last.ckpt.old").exists()

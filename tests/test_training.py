@@ -166,6 +166,7 @@ def test_two_process_fsdp_rehearsal_on_cpu_writes_a_sharded_checkpoint(tmp_path:
     last = run_dir / "checkpoints" / "last.ckpt"
     assert last.is_dir(), "ModelParallelStrategy writes a distributed (sharded) checkpoint directory"
     assert sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not list(last.parent.glob("*.tmp")) and not list(last.parent.glob("*.old")), "saves swap atomically"
 
     # one file for inference: full weights that give the run's own validation loss
     single = consolidate(last, tmp_path / "model.ckpt")

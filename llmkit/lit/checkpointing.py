@@ -1,19 +1,22 @@
 """Checkpoints that survive crashes: atomic single-file writes, and `resume=auto`.
 
 A checkpoint file is written to `<name>.tmp` and renamed into place, so a crash while saving
-leaves the previous checkpoint untouched and never a half-written file under the real name.
+leaves the previous checkpoint untouched and never a half-written file under the real name;
+sharded checkpoint directories likewise (see llmkit.distributed.AtomicModelParallelStrategy).
 `find_resume_checkpoint` picks the newest complete checkpoint of a run directory.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 TMP_SUFFIX = ".tmp"
+OLD_SUFFIX = ".old"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -22,6 +25,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         tmp = path.with_name(path.name + TMP_SUFFIX)
         super().save_checkpoint(checkpoint, tmp, storage_options)
         os.replace(tmp, path)  # atomic on POSIX file systems
+
+
+def replace_directory(new: Path, path: Path) -> None:
+    """Put the finished directory `new` at `path`. Two renames, so a crash between them leaves
+    the previous checkpoint as `<name>.old` (still found by find_resume_checkpoint), never damaged."""
+    old = path.with_name(path.name + OLD_SUFFIX)
+    if old.exists():
+        shutil.rmtree(old)
+    if path.exists():
+        path.rename(old)
+    new.rename(path)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def is_complete(path: Path) -> bool:
@@ -35,5 +51,6 @@ def is_complete(path: Path) -> bool:
 
 def find_resume_checkpoint(run_dir: str | Path) -> Path | None:
     """The most recently written complete checkpoint under run_dir (any depth), or None."""
-    candidates = [p for p in Path(run_dir).rglob("*.ckpt") if is_complete(p)]
+    found = [*Path(run_dir).rglob("*.ckpt"), *Path(run_dir).rglob("*.ckpt" + OLD_SUFFIX)]
+    candidates = [p for p in found if is_complete(p)]
     return max(candidates, key=lambda p: p.stat().st_mtime_ns, default=None)
