@@ -91,10 +91,12 @@ def _git_commit() -> str | None:
 
 def _log_run_info(trainer: L.Trainer, summary: dict[str, Any]) -> None:
     """Every logger gets the resolved config, the git commit and the parameter count (wandb: its run config)."""
-    info = {**summary["config"], "git_commit": summary["git_commit"], "params": summary["params"]}
+    info = {**summary["config"], "git_commit": summary["git_commit"], "params": summary["params"], "choices": summary["choices"]}
     for logger in trainer.loggers:
         logger.log_hyperparams(info)
         logger.save()
+        if type(logger).__name__ == "WandbLogger" and trainer.is_global_zero:  # a readable copy in the run's files
+            OmegaConf.save(OmegaConf.create(info), Path(logger.experiment.dir) / "llmkit_config.yaml")
 
 
 def _run(cfg: DictConfig) -> dict[str, Any]:
