@@ -130,6 +130,14 @@ def hf_config(model: Transformer, tokenizer: Tokenizer | None = None) -> Any:
     )
 
 
+# Hugging Face name -> llmkit name inside one block; export and import both read these
+GPT2_BLOCK_NAMES = {
+    "ln_1": "norm_1", "ln_2": "norm_2", "attn.c_attn": "attention.wqkv", "attn.c_proj": "attention.wo",
+    "mlp.c_fc": "ffn.w_in", "mlp.c_proj": "ffn.w_out",
+}
+LLAMA_MLP_NAMES = {"gate_proj": "w_gate", "up_proj": "w_up", "down_proj": "w_out"}
+
+
 def hf_state_dict(model: Transformer) -> dict[str, Tensor]:
     """llmkit weights under Hugging Face names (contiguous copies, ready for safetensors)."""
     cfg, family = model.cfg, hf_architecture(model.cfg)
@@ -141,9 +149,7 @@ def hf_state_dict(model: Transformer) -> dict[str, Tensor]:
         out["transformer.wpe.weight"] = sd["position.table.weight"]
         for i in range(cfg.n_layers):
             p, h = f"blocks.{i}.", f"transformer.h.{i}."
-            pairs = {"ln_1": "norm_1", "ln_2": "norm_2", "attn.c_attn": "attention.wqkv", "attn.c_proj": "attention.wo",
-                     "mlp.c_fc": "ffn.w_in", "mlp.c_proj": "ffn.w_out"}
-            for hf, ours in pairs.items():
+            for hf, ours in GPT2_BLOCK_NAMES.items():
                 weight = sd[p + ours + ".weight"]
                 out[h + hf + ".weight"] = weight if hf.startswith("ln") else weight.t()  # Conv1D: (in, out)
                 out[h + hf + ".bias"] = sd.get(p + ours + ".bias", torch.zeros(weight.size(0), dtype=weight.dtype))
@@ -162,7 +168,7 @@ def hf_state_dict(model: Transformer) -> dict[str, Tensor]:
             out[h + "input_layernorm.weight"] = sd[p + "norm_1.weight"]
             out[h + "post_attention_layernorm.weight"] = sd[p + "norm_2.weight"]
             if family == "llama":
-                for hf, ours in {"gate_proj": "w_gate", "up_proj": "w_up", "down_proj": "w_out"}.items():
+                for hf, ours in LLAMA_MLP_NAMES.items():
                     for suffix in ("weight", "bias"):
                         if f"{p}ffn.{ours}.{suffix}" in sd:
                             out[f"{h}mlp.{hf}.{suffix}"] = sd[f"{p}ffn.{ours}.{suffix}"]
@@ -285,9 +291,7 @@ def llmkit_state_dict(hf_sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, T
         sd["position.table.weight"] = hf_sd["transformer.wpe.weight"]
         for i in range(cfg.n_layers):
             p, h = f"blocks.{i}.", f"transformer.h.{i}."
-            pairs = {"ln_1": "norm_1", "ln_2": "norm_2", "attn.c_attn": "attention.wqkv", "attn.c_proj": "attention.wo",
-                     "mlp.c_fc": "ffn.w_in", "mlp.c_proj": "ffn.w_out"}
-            for hf, ours in pairs.items():
+            for hf, ours in GPT2_BLOCK_NAMES.items():
                 weight = hf_sd[h + hf + ".weight"]
                 sd[p + ours + ".weight"] = weight if hf.startswith("ln") else weight.t()
                 sd[p + ours + ".bias"] = hf_sd[h + hf + ".bias"]
@@ -304,7 +308,7 @@ def llmkit_state_dict(hf_sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, T
             sd[p + "norm_1.weight"] = hf_sd[h + "input_layernorm.weight"]
             sd[p + "norm_2.weight"] = hf_sd[h + "post_attention_layernorm.weight"]
             if family == "llama":
-                for hf, ours in {"gate_proj": "w_gate", "up_proj": "w_up", "down_proj": "w_out"}.items():
+                for hf, ours in LLAMA_MLP_NAMES.items():
                     for suffix in ("weight", "bias"):
                         if f"{h}mlp.{hf}.{suffix}" in hf_sd:
                             sd[f"{p}ffn.{ours}.{suffix}"] = hf_sd[f"{h}mlp.{hf}.{suffix}"]

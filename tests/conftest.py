@@ -1,13 +1,13 @@
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -29,6 +29,20 @@ def _slurm_answers() -> bool:
         return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=10).returncode == 0
     except subprocess.TimeoutExpired:
         return False
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-step gqa_rope checkpoint with a sentencepiece tokenizer, trained once per test session."""
+    tmp = tmp_path_factory.mktemp("tiny_checkpoint")
+    cmd = [
+        sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp / 'run'}", f"data.cache_dir={tmp / 'cache'}",
+        "data.max_bytes=60000", "data.split=tail", "data.vocab_size=400", "data.seq_len=32", "trainer.max_steps=4",
+        "trainer.val_check_interval=4", "trainer.enable_progress_bar=false", "sample.max_new_tokens=4",
+        "model=gqa_rope", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
+    ]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    return tmp / "run" / "checkpoints" / "last.ckpt"
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,5 @@
 """A checkpoint written by train.py loads with weights_only=True, with its tokenizer."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,17 +10,9 @@ from llmkit.checkpoint import load_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("ckpt")
-    cmd = [
-        sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp / 'run'}", f"data.cache_dir={tmp / 'cache'}",
-        "data.max_bytes=60000", "data.split=tail", "data.vocab_size=400", "data.seq_len=32", "trainer.max_steps=4",
-        "trainer.val_check_interval=4", "trainer.enable_progress_bar=false", "sample.max_new_tokens=4",
-        "model=gqa_rope", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
-    ]
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
-    return tmp / "run" / "checkpoints" / "last.ckpt"
+@pytest.fixture
+def trained(tiny_checkpoint: Path) -> Path:
+    return tiny_checkpoint
 
 
 def test_checkpoint_loads_model_and_tokenizer_without_unpickling(trained: Path) -> None:

@@ -18,17 +18,9 @@ PROMPT = "def main():\n    "
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("generate")
-    cmd = [
-        sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp / 'run'}", f"data.cache_dir={tmp / 'cache'}",
-        "data.max_bytes=60000", "data.split=tail", "data.vocab_size=400", "data.seq_len=32", "trainer.max_steps=4",
-        "trainer.val_check_interval=4", "trainer.enable_progress_bar=false", "sample.max_new_tokens=4",
-        "model=gqa_rope", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
-    ]
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
-    return tmp / "run" / "checkpoints" / "last.ckpt"
+@pytest.fixture
+def ckpt(tiny_checkpoint: Path) -> Path:
+    return tiny_checkpoint
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
