@@ -111,11 +111,7 @@ def overhead(data: Path, cache: Path, steps: int, out: Path) -> dict:
     lightning_times, lit, datamodule = lightning_loop(cfg, data_kwargs, steps, out)
     tokens = datamodule.batch_size * datamodule.seq_len
     # the bare loop continues on the same model with the next batches of the same dataset
-    from llmkit.data.datasets import RandomWindowBatches
-
-    dataset = RandomWindowBatches(
-        datamodule.corpus.tokens("train"), datamodule.seq_len, datamodule.batch_size, datamodule.seed
-    )
+    dataset = datamodule.train_batches()
     bare_times = bare_loop(lit, dataset, steps, steps, cfg.trainer.gradient_clip_val)
     lightning_ms = statistics.median(lightning_times) * 1000
     bare_ms = statistics.median(bare_times) * 1000

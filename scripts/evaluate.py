@@ -3,8 +3,9 @@
   python scripts/evaluate.py ckpt=outputs/<run>/checkpoints/last.ckpt text=held_out.txt
   python scripts/evaluate.py ckpt=... data=data_cache/stdlib-bpe-917db8fa0cc0 split=val stride=128 out=eval.json
 
-text= is tokenized with the checkpoint's tokenizer; data= is a tokenized cache directory (train.py's
-data.cache_dir/<name>), whose tokenizer must be the checkpoint's. context defaults to the model's
+text= is tokenized with the checkpoint's tokenizer; data= is a prepared dataset directory (train.py's
+data.cache_dir/<name>, or scripts/prepare_data.py's output; split= train, val or test, every component
+in turn), whose tokenizer must be the checkpoint's. context defaults to the model's
 max_seq_len, stride to half of it (each token is scored once, with at least context - stride tokens
 of left context; see llmkit/evaluate.py). max_tokens= evaluates a prefix only. The JSON (also
 printed) holds tokens, nll (nats per token), ppl, context, stride, windows and the inputs; it is
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from llmkit.checkpoint import load_checkpoint
@@ -42,7 +44,7 @@ def parse(argv: list[str]) -> dict[str, Any]:
     if not args["ckpt"]:
         raise SystemExit("give the checkpoint: ckpt=path/to/last.ckpt")
     if bool(args["text"]) == bool(args["data"]):
-        raise SystemExit("give exactly one of text=file.txt or data=tokenized_cache_dir")
+        raise SystemExit("give exactly one of text=file.txt or data=prepared_dataset_dir")
     return args
 
 
@@ -51,12 +53,13 @@ def load_ids(args: dict[str, Any], tokenizer: Any) -> torch.Tensor:
         if tokenizer is None:
             raise SystemExit(f"{args['ckpt']} holds no tokenizer, so text cannot be encoded; use data=")
         return torch.tensor(tokenizer.encode(Path(args["text"]).expanduser().read_text()), dtype=torch.long)
-    from llmkit.data.tokenized import TokenizedCorpus
+    from llmkit.data.prepared import PreparedDataset
 
-    corpus = TokenizedCorpus.load(Path(args["data"]).expanduser())
-    if tokenizer is not None and corpus.tokenizer.fingerprint != tokenizer.fingerprint:
+    dataset = PreparedDataset.open(Path(args["data"]).expanduser())
+    if tokenizer is not None and dataset.tokenizer.fingerprint != tokenizer.fingerprint:
         raise SystemExit(f"{args['data']} was tokenized with another tokenizer than the checkpoint's")
-    return torch.from_numpy(corpus.tokens(args["split"]).astype("int64"))
+    streams = [dataset.stream(c, args["split"]) for c in dataset.components]
+    return torch.from_numpy(np.concatenate([s.read(0, s.total) for s in streams]))
 
 
 def main(argv: list[str]) -> dict[str, Any]:

@@ -1,5 +1,14 @@
-"""Data: sources, tokenizers, tokenized cache, datasets and the LightningDataModule."""
+"""Data: sources, cleaning, splits, tokenizers, shards, streaming and the LightningDataModule."""
 
-from llmkit.data.datamodule import LMDataModule
+from typing import Any
 
 __all__ = ["LMDataModule"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: encoding workers import llmkit.data.* and should not pay for importing Lightning.
+    if name == "LMDataModule":
+        from llmkit.data.datamodule import LMDataModule
+
+        return LMDataModule
+    raise AttributeError(f"module 'llmkit.data' has no attribute '{name}'")

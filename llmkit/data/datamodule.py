@@ -1,26 +1,30 @@
-"""LightningDataModule: documents -> tokenizer -> cached token arrays -> batches.
+"""LightningDataModule: raw documents -> prepared token shards -> batches that resume exactly.
 
-`prepare_data` (one process per node) reads the source, trains the tokenizer on the training
-split and caches the tokenized corpus under `cache_dir`, keyed by a fingerprint of the text and
-every setting, so later runs reuse it. `setup` memory-maps the cache. The data position travels
-in checkpoints (`state_dict`), as does the tokenizer's fingerprint, so a resume with other data
-fails loudly instead of training on a different vocabulary.
+`prepare_data` (one process per node) runs the pipeline (llmkit/data/pipeline.py) unless the
+dataset for these settings is already under `cache_dir`, or fetches a prepared dataset from a
+path or fsspec URL (`prepared=`). `setup` opens it: the manifest, the tokenizer and (by default)
+every shard's checksum. Training batches are addressed by a global sample index
+(llmkit/data/streaming.py), so the data position saved in a checkpoint is one number, restored
+exactly mid-epoch and under another number of ranks; the data and tokenizer fingerprints travel
+with it, and a resume on other data fails loudly instead of training on something else.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from torch.utils.data import DataLoader
 
-from llmkit.data.datasets import RandomWindowBatches, ResumableBatchSampler, SequentialWindows
-from llmkit.data.sources import SOURCES, Document
-from llmkit.data.tokenized import TokenizedCorpus, build_tokenized
+from llmkit.data.datasets import ResumableBatchSampler
+from llmkit.data.pipeline import DataSpec, dataset_dir, prepare
+from llmkit.data.prepared import PreparedDataset
+from llmkit.data.remote import cache_path, is_remote, localize
+from llmkit.data.streaming import Mixture, PackedSequences, RandomWindows, TrainBatches, ValidationWindows
 from llmkit.data.tokenizer import Tokenizer
+
+SAMPLINGS = ("epoch", "random")
 
 
 class LMDataModule(L.LightningDataModule):
@@ -29,66 +33,76 @@ class LMDataModule(L.LightningDataModule):
         source: str = "stdlib",
         path: str | list[str] | None = None,
         max_bytes: int | None = None,
-        tokenizer: str = "bpe",
-        vocab_size: int = 2048,
+        source_options: dict[str, Any] | None = None,
+        mixture: dict[str, dict[str, Any]] | None = None,
+        name: str | None = None,
+        clean: dict[str, Any] | None = None,
         split: str = "hash",
         val_fraction: float = 0.1,
+        test_fraction: float = 0.0,
+        split_key: str = "name",
+        tokenizer: str = "bpe",
+        vocab_size: int = 2048,
+        tokenizer_options: dict[str, Any] | None = None,
+        tokenizer_path: str | None = None,
+        dtype: str = "auto",
+        shard_tokens: int = 1 << 24,
+        encode_processes: int = 1,
+        prepared: str | None = None,
+        verify: str = "checksum",
+        sampling: str = "epoch",
+        shuffle: bool = True,
+        document_mask: bool = False,
         seq_len: int = 128,
         batch_size: int = 16,
         val_windows: int = 256,
         num_workers: int = 0,
         cache_dir: str = "data_cache",
         seed: int = 1337,
+        progress: bool = True,
     ) -> None:
         super().__init__()
-        self.source, self.path, self.max_bytes = source, path, max_bytes
-        self.tokenizer_kind, self.vocab_size_request = tokenizer, vocab_size
-        self.split, self.val_fraction = split, val_fraction
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"unknown data.sampling '{sampling}'; valid: {', '.join(SAMPLINGS)}")
+        self.label = name or (source if not mixture else "mixture")
+        self.spec = DataSpec(
+            components=_components(self.label, source, path, max_bytes, source_options, mixture), clean=dict(clean or {}),
+            split=split, val_fraction=val_fraction, test_fraction=test_fraction, split_key=split_key,
+            tokenizer=tokenizer, vocab_size=vocab_size, tokenizer_options=dict(tokenizer_options or {}),
+            tokenizer_path=tokenizer_path, dtype=dtype, shard_tokens=shard_tokens,
+        )
+        self.prepared, self.verify, self.encode_processes, self.progress = prepared, verify, encode_processes, progress
+        self.sampling, self.shuffle, self.document_mask = sampling, shuffle, document_mask
         self.seq_len, self.batch_size = seq_len, batch_size
         self.val_windows, self.num_workers = val_windows, num_workers
         self.cache_dir, self.seed = Path(cache_dir), seed
-        self.corpus: TokenizedCorpus | None = None
-        self.train_sampler: ResumableBatchSampler | None = None
-        self._resume_batches = 0
+        self.dataset: PreparedDataset | None = None
+        self._start_sample, self._start_step = 0, 0
 
     # ---- preparation -------------------------------------------------------------------------
-    def _settings(self) -> dict[str, Any]:
-        return {
-            "source": self.source, "path": self.path, "max_bytes": self.max_bytes, "tokenizer": self.tokenizer_kind,
-            "vocab_size": self.vocab_size_request, "split": self.split, "val_fraction": self.val_fraction,
-        }
-
-    def _documents(self) -> list[Document]:
-        return SOURCES.build(self.source, path=self.path, max_bytes=self.max_bytes)
-
-    def corpus_dir(self, docs: list[Document]) -> Path:
-        digest = hashlib.sha256(json.dumps(self._settings(), sort_keys=True).encode())
-        for name, text in docs:
-            digest.update(name.encode())
-            digest.update(text.encode("utf-8", errors="replace"))
-        return self.cache_dir / f"{self.source}-{self.tokenizer_kind}-{digest.hexdigest()[:12]}"
+    def data_dir(self) -> Path:
+        """Where this run's prepared dataset is (or will be) on this machine."""
+        if self.prepared is None:
+            return dataset_dir(self.spec, self.cache_dir, self.label)
+        if is_remote(self.prepared):
+            return cache_path(self.prepared, self.cache_dir)
+        return Path(self.prepared.removeprefix("file://")).expanduser()
 
     def prepare_data(self) -> None:
-        docs = self._documents()
-        out_dir = self.corpus_dir(docs)
-        if not (out_dir / "meta.json").exists():
-            build_tokenized(
-                docs, out_dir, self.tokenizer_kind, self.vocab_size_request, self.split, self.val_fraction,
-                self._settings(),
-            )
-        self._corpus_dir = out_dir
+        if self.prepared is None:
+            prepare(self.spec, self.cache_dir, self.label, self.encode_processes, self.progress)
+        elif is_remote(self.prepared):
+            localize(self.prepared, self.cache_dir)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.corpus is not None:
-            return
-        out_dir = getattr(self, "_corpus_dir", None) or self.corpus_dir(self._documents())
-        self.corpus = TokenizedCorpus.load(out_dir)
+        if self.dataset is None:
+            self.dataset = PreparedDataset.open(self.data_dir(), self.verify)
 
     # ---- what the model needs to know ------------------------------------------------------------
     @property
     def tokenizer(self) -> Tokenizer:
         self.setup()
-        return self.corpus.tokenizer
+        return self.dataset.tokenizer
 
     @property
     def vocab_size(self) -> int:
@@ -99,44 +113,86 @@ class LMDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_batches(self, rank: int = 0, world_size: int = 1) -> TrainBatches:
         self.setup()
-        rank, _ = self._rank_and_world()
-        tokens = self.corpus.tokens("train")
-        dataset = RandomWindowBatches(tokens, self.seq_len, self.batch_size, self.seed, rank)
-        self.train_sampler = ResumableBatchSampler(start=self._resume_batches)
+        components = [self._sequences(c, index) for index, c in enumerate(self.dataset.components)]
+        mixture = Mixture(self.dataset.weights, self.seed)
+        return TrainBatches(components, mixture, self.batch_size, rank, world_size, self._start_sample, self.document_mask)
+
+    def _sequences(self, component: str, index: int) -> PackedSequences | RandomWindows:
+        stream = self.dataset.stream(component, "train")
+        seed = self.seed + 1_000_003 * index  # components draw independent orders
+        if self.sampling == "random":
+            return RandomWindows(stream, self.seq_len, seed)
+        return PackedSequences(stream, self.seq_len, seed, self.shuffle)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_and_world()
         return DataLoader(
-            dataset, batch_size=None, sampler=self.train_sampler, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            self.train_batches(rank, world), batch_size=None, sampler=ResumableBatchSampler(),
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+        )
+
+    def validation_windows(self, rank: int = 0, world_size: int = 1, split: str = "val") -> ValidationWindows:
+        self.setup()
+        streams = [self.dataset.stream(c, split) for c in self.dataset.components]
+        return ValidationWindows(
+            streams, self.dataset.weights, self.seq_len, self.val_windows, rank, world_size, self.document_mask
         )
 
     def val_dataloader(self) -> DataLoader:
-        self.setup()
         rank, world = self._rank_and_world()
-        dataset = SequentialWindows(self.corpus.tokens("val"), self.seq_len, self.val_windows, rank, world)
+        dataset = self.validation_windows(rank, world)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
 
     # ---- checkpoint state ------------------------------------------------------------------------
-    def batches_consumed(self) -> int:
-        """Training batches this rank has consumed; checkpoints are written at optimizer steps."""
+    def samples_consumed(self) -> int:
+        """Global training samples consumed by every rank together; checkpoints are written at
+        optimizer steps, each of which takes accumulate x world x batch_size samples."""
         trainer = self.trainer
-        return trainer.global_step * trainer.accumulate_grad_batches if trainer is not None else 0
+        if trainer is None:
+            return self._start_sample
+        per_step = trainer.accumulate_grad_batches * trainer.world_size * self.batch_size
+        return self._start_sample + (trainer.global_step - self._start_step) * per_step
 
     def state_dict(self) -> dict[str, Any]:
         self.setup()
+        tokenizer = self.dataset.tokenizer
         return {
-            "batches_consumed": self.batches_consumed(), "tokenizer_fingerprint": self.corpus.tokenizer.fingerprint,
-            "vocab_size": self.vocab_size, "corpus": self.corpus.directory.name,
-            "tokenizer": self.corpus.tokenizer.to_state(),  # the checkpoint alone can decode its samples
+            "samples_consumed": self.samples_consumed(),
+            "global_step": self.trainer.global_step if self.trainer is not None else 0,
+            "data_fingerprint": self.dataset.fingerprint, "tokenizer_fingerprint": tokenizer.fingerprint,
+            "vocab_size": tokenizer.vocab_size, "dataset": self.dataset.directory.name,
+            "tokenizer": tokenizer.to_state(),  # the checkpoint alone can decode its samples
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.setup()
-        mine = self.corpus.tokenizer.fingerprint
-        if state.get("tokenizer_fingerprint") != mine:
+        self._check_same_data(state)
+        self._start_sample = int(state["samples_consumed"])
+        self._start_step = int(state["global_step"])
+
+    def _check_same_data(self, state: dict[str, Any]) -> None:
+        where = f"dataset {self.dataset.directory.name}, vocab {self.vocab_size}"
+        theirs = f"dataset {state.get('dataset')}, vocab {state.get('vocab_size')}"
+        if state.get("tokenizer_fingerprint") != self.dataset.tokenizer.fingerprint:
             raise ValueError(
-                f"the checkpoint was trained with another tokenizer (corpus {state.get('corpus')}, vocab "
-                f"{state.get('vocab_size')}) than this run's data (corpus {self.corpus.directory.name}, vocab "
-                f"{self.vocab_size}); resume with the data settings the checkpoint was trained with"
+                f"the checkpoint was trained with another tokenizer ({theirs}) than this run's data ({where}); "
+                "resume with the data settings the checkpoint was trained with"
             )
-        self._resume_batches = int(state["batches_consumed"])
+        if state.get("data_fingerprint") != self.dataset.fingerprint:
+            raise ValueError(
+                f"the checkpoint was trained on other data ({theirs}, data fingerprint {state.get('data_fingerprint')}) "
+                f"than this run's ({where}, data fingerprint {self.dataset.fingerprint}), so its data position means "
+                "nothing here; resume with the same data settings, or start a new run from the checkpoint's weights"
+            )
+
+
+def _components(
+    label: str, source: str, path: Any, max_bytes: int | None, options: dict[str, Any] | None,
+    mixture: dict[str, dict[str, Any]] | None,
+) -> dict[str, dict[str, Any]]:
+    """A mixture as given, or the single source as a mixture of one."""
+    if mixture:
+        return {name: {"weight": 1.0, **dict(spec)} for name, spec in mixture.items()}
+    return {label: {"source": source, "path": path, "max_bytes": max_bytes, **dict(options or {})}}

@@ -1,0 +1,227 @@
+"""Streaming prepared shards into batches, addressed by a global sample index.
+
+Every training sample has a global index j = 0, 1, 2, ... across all ranks and epochs. The
+global batch at step k is samples [k*W*B, (k+1)*W*B) for W ranks of B rows, and rank r takes
+rows [r*B, (r+1)*B) of it. DataLoader workers receive whole batches round-robin, so every
+(rank, worker) pair reads a disjoint set of samples and the order does not depend on how many
+workers there are. Resuming needs one number, the samples already consumed: the stream then
+continues exactly, also when the number of ranks changes (the same samples in the same order,
+grouped into the new global batch).
+
+Sample j maps to tokens in two steps:
+  Mixture       j -> (component c, index i within c): per block of MIX_BLOCK samples each component
+                gets its weight's share of slots, in an order shuffled from (seed, block).
+  Packed        i -> epoch e = i // n and sequence order_e[i % n] of that component's n packed
+                sequences (seq_len + 1 tokens at stride seq_len: every token is an input once an
+                epoch), order_e a permutation drawn from (seed, e). `random` windows instead start
+                at a hash of (seed, i) anywhere in the stream (nanoGPT's sampling).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from llmkit.data.shards import Shard
+
+MIX_BLOCK = 4096
+_MASK64 = (1 << 64) - 1
+
+
+class TokenStream:
+    """One split of one component: its shards read as one token sequence, opened lazily in each
+    process (memory maps are not sent to DataLoader workers)."""
+
+    def __init__(self, paths: Sequence[Path], entries: Sequence[dict[str, Any]], dtype: np.dtype) -> None:
+        self.paths, self.entries, self.dtype = list(paths), list(entries), dtype
+        lengths = [e["tokens"] for e in entries]
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # (shards + 1,)
+        self.total = int(self.offsets[-1])
+        self._shards: list[Shard] | None = None
+        self._doc_starts: np.ndarray | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_shards": None, "_doc_starts": None}
+
+    @property
+    def shards(self) -> list[Shard]:
+        if self._shards is None:
+            self._shards = [Shard.open(p, e, self.dtype) for p, e in zip(self.paths, self.entries, strict=True)]
+        return self._shards
+
+    @property
+    def doc_starts(self) -> np.ndarray:
+        """(documents,) int64 global offsets where documents begin."""
+        if self._doc_starts is None:
+            parts = [s.doc_starts.astype(np.int64) + off for s, off in zip(self.shards, self.offsets[:-1], strict=True)]
+            self._doc_starts = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        return self._doc_starts
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length) as int64, across shard boundaries."""
+        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        out, filled = np.empty(length, np.int64), 0
+        while filled < length:
+            shard = self.shards[first]
+            lo = start + filled - int(self.offsets[first])
+            piece = shard.tokens[lo : lo + length - filled]
+            out[filled : filled + len(piece)] = piece
+            filled += len(piece)
+            first += 1
+        return out
+
+    def document_layout(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """positions (restarting at each document start, or at the window start) and segment ids
+        (0, 1, ... per document within the window), each (length,) int64."""
+        index = start + np.arange(length)
+        doc = np.searchsorted(self.doc_starts, index, side="right") - 1  # (length,) document of each token
+        doc_begin = np.maximum(self.doc_starts[np.maximum(doc, 0)], start)
+        return index - doc_begin, doc - doc[0]
+
+
+class PackedSequences:
+    """The stream cut into n sequences of seq_len + 1 tokens at stride seq_len, visited in a fresh
+    permutation every epoch."""
+
+    def __init__(self, stream: TokenStream, seq_len: int, seed: int, shuffle: bool = True) -> None:
+        self.stream, self.seq_len, self.seed, self.shuffle = stream, seq_len, seed, shuffle
+        self.n = (stream.total - 1) // seq_len
+        if self.n < 1:
+            raise ValueError(f"{stream.total} tokens are too few for one sequence of {seq_len} tokens")
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def start(self, i: int) -> int:
+        epoch, within = divmod(i, self.n)
+        return int(self._epoch_order(epoch)[within]) * self.seq_len
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n)
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
+        return self._order[1]
+
+
+class RandomWindows:
+    """Windows of seq_len + 1 tokens at pseudo-random offsets, a pure function of (seed, i)."""
+
+    def __init__(self, stream: TokenStream, seq_len: int, seed: int) -> None:
+        if stream.total <= seq_len + 1:
+            raise ValueError(f"{stream.total} tokens are too few for windows of {seq_len} tokens")
+        self.stream, self.seq_len, self.seed = stream, seq_len, seed
+        self.n = stream.total - seq_len - 1  # possible start offsets
+
+    def start(self, i: int) -> int:
+        return _mix64(self.seed * 0x9E3779B97F4A7C15 + i) % self.n
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: consecutive inputs give independent-looking 64-bit outputs."""
+    x &= _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+class Mixture:
+    """Global sample j -> (component, index within it) with each component's share fixed per block."""
+
+    def __init__(self, weights: Sequence[float], seed: int, block: int = MIX_BLOCK) -> None:
+        w = np.asarray(weights, dtype=np.float64)
+        if len(w) == 0 or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"mixture weights must be >= 0 with a positive sum, got {list(weights)}")
+        self.counts = _largest_remainder(w / w.sum(), block)  # (components,) slots per block
+        if (self.counts[w > 0] == 0).any():
+            raise ValueError(f"a mixture weight in {list(weights)} is below 1/{block} of the total and would never be drawn")
+        self.seed, self.block = seed, block
+        self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def locate(self, j: int) -> tuple[int, int]:
+        block, slot = divmod(j, self.block)
+        components, ranks = self._layout(block)
+        c = int(components[slot])
+        return c, block * int(self.counts[c]) + int(ranks[slot])
+
+    def _layout(self, block: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._cache is None or self._cache[0] != block:
+            components = np.repeat(np.arange(len(self.counts)), self.counts)
+            np.random.default_rng([self.seed, 7919, block]).shuffle(components)
+            ranks = np.zeros(self.block, np.int64)  # how many earlier slots of the block share the component
+            for c in range(len(self.counts)):
+                mine = components == c
+                ranks[mine] = np.arange(int(mine.sum()))
+            self._cache = (block, components, ranks)
+        return self._cache[1], self._cache[2]
+
+
+def _largest_remainder(fractions: np.ndarray, total: int) -> np.ndarray:
+    exact = fractions * total
+    counts = np.floor(exact).astype(np.int64)
+    short = total - int(counts.sum())
+    counts[np.argsort(-(exact - counts), kind="stable")[:short]] += 1
+    return counts
+
+
+class TrainBatches(Dataset):
+    """Item k is this rank's k-th batch: global samples start + (k*W + r)*B + [0, B)."""
+
+    def __init__(
+        self, components: Sequence[PackedSequences | RandomWindows], mixture: Mixture, batch_size: int,
+        rank: int = 0, world_size: int = 1, start_sample: int = 0, document_mask: bool = False,
+    ) -> None:
+        self.components, self.mixture, self.batch_size = list(components), mixture, batch_size
+        self.rank, self.world_size, self.start_sample = rank, world_size, start_sample
+        self.document_mask = document_mask
+
+    def sample_ids(self, k: int) -> range:
+        first = self.start_sample + (k * self.world_size + self.rank) * self.batch_size
+        return range(first, first + self.batch_size)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, ...]:
+        rows = [self._sample(j) for j in self.sample_ids(k)]
+        return tuple(torch.from_numpy(np.stack(column)) for column in zip(*rows, strict=True))
+
+    def _sample(self, j: int) -> tuple[np.ndarray, ...]:
+        c, i = self.mixture.locate(j)
+        source = self.components[c]
+        return window(source.stream, source.start(i), source.seq_len, self.document_mask)
+
+
+def window(stream: TokenStream, start: int, seq_len: int, document_mask: bool) -> tuple[np.ndarray, ...]:
+    """(inputs, targets) or (inputs, targets, positions, segments), each (seq_len,) int64."""
+    tokens = stream.read(start, seq_len + 1)
+    if not document_mask:
+        return tokens[:-1], tokens[1:]
+    positions, segments = stream.document_layout(start, seq_len)
+    return tokens[:-1], tokens[1:], positions, segments
+
+
+class ValidationWindows(Dataset):
+    """The fixed validation set: the first windows of each component's validation split, at stride
+    seq_len, shared out by weight; rank r evaluates windows r, r + W, ..."""
+
+    def __init__(
+        self, streams: Sequence[TokenStream], weights: Sequence[float], seq_len: int, max_windows: int,
+        rank: int = 0, world_size: int = 1, document_mask: bool = False,
+    ) -> None:
+        available = [max(0, (s.total - 1) // seq_len) for s in streams]
+        wanted = _largest_remainder(np.asarray(weights, np.float64) / sum(weights), max_windows)
+        items = []  # (stream, start offset)
+        for stream, n, want in zip(streams, available, wanted, strict=True):
+            items += [(stream, w * seq_len) for w in range(min(n, int(want)))]
+        if len(items) < world_size:
+            raise ValueError(f"the validation split has {len(items)} windows of {seq_len} tokens, fewer than {world_size} ranks")
+        self.items = items[rank::world_size]
+        self.seq_len, self.document_mask = seq_len, document_mask
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        stream, start = self.items[i]
+        return tuple(torch.from_numpy(a) for a in window(stream, start, self.seq_len, self.document_mask))
