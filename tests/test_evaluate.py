@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llmkit.data.shards import MANIFEST, MANIFEST_FORMAT, VERSION, write_shard
 from llmkit.data.tokenizer import CharTokenizer
 from llmkit.evaluate import perplexity, windows
 from llmkit.model import Transformer
@@ -87,14 +88,22 @@ def test_script_on_text_file_writes_json(tmp_path: Path) -> None:
     assert report["ppl"] == pytest.approx(math.exp(report["nll"]))
 
 
-def test_script_on_tokenized_cache(tmp_path: Path) -> None:
+def test_script_on_a_prepared_dataset(tmp_path: Path) -> None:
     ckpt, model, tok = _checkpoint(tmp_path)
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    tok.save(cache)
+    cache = tmp_path / "dataset"
+    (cache / "main").mkdir(parents=True)
+    (cache / "tokenizer").mkdir()
+    tok.save(cache / "tokenizer")
     ids = np.random.default_rng(0).integers(0, tok.vocab_size, 80).astype(np.uint16)
-    ids.tofile(cache / "val.bin")
-    (cache / "meta.json").write_text(json.dumps({"tokens": {"train": 0, "val": 80}, "dtype": "uint16"}))
+    entry = write_shard(cache / "main" / "val_00000.bin", ids, np.zeros(1, np.uint64))
+    entry["file"] = "main/val_00000.bin"
+    split = {"tokens": 80, "documents": 1, "shards": [entry]}
+    manifest = {
+        "format": MANIFEST_FORMAT, "version": VERSION, "dtype": "uint16", "vocab_size": tok.vocab_size,
+        "tokenizer_fingerprint": tok.fingerprint, "tokenizer_dir": "tokenizer",
+        "components": {"main": {"weight": 1.0, "splits": {"val": split}}},
+    }
+    (cache / MANIFEST).write_text(json.dumps(manifest))
     report = evaluate_script.main([f"ckpt={ckpt}", f"data={cache}", "max_tokens=60", "context=16"])
     assert json.loads(Path(f"{ckpt}.eval.json").read_text()) == report
     expected = perplexity(model, torch.from_numpy(ids[:60].astype(np.int64)), context=16, stride=8)

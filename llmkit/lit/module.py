@@ -56,9 +56,9 @@ class LitLM(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, multiplier), "interval": "step"}}
 
     # ---- steps -----------------------------------------------------------------------------------
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        inputs, targets = batch
-        out = self.model.loss(inputs, targets)
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        inputs, targets, *document = batch  # packed rows add (positions, segments)
+        out = self.model.loss(inputs, targets, *document)
         self.log("train/loss", out.loss, prog_bar=True)
         for name, value in out.aux.items():
             self.log(f"train/aux/{name}", value)
@@ -67,9 +67,9 @@ class LitLM(L.LightningModule):
                 self.log(f"train/{name}", value)
         return out.loss
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        inputs, targets = batch
-        out = self.model.loss(inputs, targets)
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        inputs, targets, *document = batch  # packed rows add (positions, segments)
+        out = self.model.loss(inputs, targets, *document)
         self.val_loss.update(out.ce, weight=targets.numel())
 
     def on_validation_epoch_end(self) -> None:

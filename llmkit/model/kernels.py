@@ -5,6 +5,10 @@ floating-point rounding; `tests/model/test_kernels.py` holds every kernel to the
 Every kernel takes q: (B, H, T, D), k and v: (B, Hkv, S, D) with H a multiple of Hkv, and
 returns (B, H, T, D). Query i may see key j when k_pos[j] <= q_pos[i] and, with a window w,
 q_pos[i] - k_pos[j] < w (a token sees itself and the w - 1 before it).
+
+Packed rows (ctx.q_seg / ctx.k_seg given, several documents per row) are causal by index
+instead, since positions restart at 0 in every document: query i sees key j when j comes no
+later in the row, lies in the same document, and (window) q_pos[i] - k_pos[j] < w.
 """
 
 from __future__ import annotations
@@ -30,17 +34,33 @@ KERNELS: Registry[AttentionKernel] = Registry("attention kernel")
 
 
 def visible(ctx: PositionContext, window: int | None) -> Tensor:
-    """(T, S) bool, or (B, 1, T, S) for per-row positions: which keys each query may attend to."""
+    """(T, S) bool, or (B, 1, T, S) for per-row positions or packed rows: which keys each query may
+    attend to."""
     offset = ctx.q_pos[..., :, None] - ctx.k_pos[..., None, :]  # (T, S) or (B, T, S)
-    allowed = offset >= 0
+    allowed = offset >= 0 if ctx.q_seg is None else same_document(ctx)
     if window is not None:
         allowed &= offset < window
     return allowed if allowed.dim() == 2 else allowed[:, None]
 
 
+def same_document(ctx: PositionContext) -> Tensor:
+    """(B, T, S) bool for packed rows: the key is no later in the row than the query (the T queries
+    are the last T of the S keys) and belongs to the same document."""
+    T, S = ctx.q_seg.size(-1), ctx.k_seg.size(-1)
+    earlier = torch.ones(T, S, dtype=torch.bool, device=ctx.q_seg.device).tril(S - T)  # (T, S)
+    return earlier & (ctx.q_seg[..., :, None] == ctx.k_seg[..., None, :])
+
+
+def is_plain_causal(ctx: PositionContext, window: int | None) -> bool:
+    """Plain causal attention: no bias, window or packed rows, T == S, positions shared by the batch
+    (training, prefill). Fused kernels compute it from a flag instead of a mask."""
+    shared_positions = ctx.q_pos.dim() == 1 and ctx.q_pos.size(0) == ctx.k_pos.size(0)
+    return shared_positions and ctx.bias is None and window is None and ctx.q_seg is None
+
+
 def additive_mask(ctx: PositionContext, window: int | None, dtype: torch.dtype) -> Tensor:
-    """(H or 1, T, S) float, or (B, H or 1, T, S) for per-row positions: position bias where visible,
-    -inf elsewhere."""
+    """(H or 1, T, S) float, or (B, H or 1, T, S) for per-row positions or packed rows: position bias
+    where visible, -inf elsewhere."""
     blocked = torch.zeros((), dtype=dtype, device=ctx.q_pos.device)
     mask = torch.where(visible(ctx, window), blocked, float("-inf"))
     return mask if ctx.bias is None else ctx.bias.to(dtype) + mask
@@ -61,12 +81,10 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, ctx: PositionContext, windo
 
 @KERNELS.register("sdpa")
 def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, ctx: PositionContext, window: int | None, dropout_p: float) -> Tensor:
-    """torch's fused kernels. Plain causal attention with T == S and positions shared by the batch
-    (training, prefill) takes the is_causal fast path, which lets torch pick flash attention;
-    anything else passes a mask."""
+    """torch's fused kernels. Plain causal attention (see is_plain_causal) takes the is_causal fast
+    path, which lets torch pick flash attention; anything else, packed rows included, passes a mask."""
     gqa = q.size(1) != k.size(1)
-    plain_causal = ctx.bias is None and window is None and q.size(2) == k.size(2) and ctx.q_pos.dim() == 1
-    if plain_causal:
+    if is_plain_causal(ctx, window):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
     if ctx.bias is None:
         mask = visible(ctx, window)  # bool masks keep the memory-efficient kernels available
@@ -87,15 +105,22 @@ def flex_attention_kernel(q: Tensor, k: Tensor, v: Tensor, ctx: PositionContext,
             "kernel=flex has no backward pass on CPU; train with model.attention.kernel=sdpa "
             "(flex works on CPU for inference, and for training on CUDA)"
         )
-    per_row = ctx.q_pos.dim() == 2  # positions (B, T): masks and biases differ between rows
-    q_pos, k_pos = (p if per_row else p[None] for p in (ctx.q_pos, ctx.k_pos))  # (B or 1, T), (B or 1, S)
+    per_row = ctx.q_pos.dim() == 2 or ctx.q_seg is not None  # masks and biases differ between rows
+    batch = q.size(0) if per_row else 1
+    q_pos, k_pos = (p.expand(batch, -1) for p in (ctx.q_pos, ctx.k_pos))  # (B or 1, T), (B or 1, S)
     allowed_offset = window if window is not None else q_pos.numel() + k_pos.numel() + 1
 
-    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+    def by_position(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         row = b if per_row else 0
         offset = q_pos[row, q_idx] - k_pos[row, kv_idx]
         return (offset >= 0) & (offset < allowed_offset)
 
+    def by_document(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:  # packed rows
+        earlier = kv_idx <= q_idx + (k.size(2) - q.size(2))  # by index: positions restart per document
+        same = ctx.q_seg[b, q_idx] == ctx.k_seg[b, kv_idx]
+        return earlier & same & (q_pos[b, q_idx] - k_pos[b, kv_idx] < allowed_offset)
+
+    mask_mod = by_position if ctx.q_seg is None else by_document
     block_mask = create_block_mask(mask_mod, q.size(0) if per_row else None, None, q.size(2), k.size(2), device=q.device)
     score_mod = None
     if ctx.bias is not None:
@@ -136,7 +161,7 @@ def xformers_attention(q: Tensor, k: Tensor, v: Tensor, ctx: PositionContext, wi
     k = k.repeat_interleave(groups, dim=1)
     v = v.repeat_interleave(groups, dim=1)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, T, H, D): xformers' layout
-    if ctx.bias is None and window is None and q.size(1) == k.size(1) and ctx.q_pos.dim() == 1:
+    if is_plain_causal(ctx, window):
         attn_bias = xops.LowerTriangularMask()
     else:
         attn_bias = _aligned_bias(additive_mask(ctx, window, q.dtype), q.size(0), q.size(2))

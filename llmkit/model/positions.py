@@ -8,7 +8,8 @@ The transformer builds one scheme and hands its context to every block, so table
 learned biases are shared across layers.
 
 Positions are (T,), shared by every row of the batch (training), or (B, T), one row per sequence
-(generation decodes prompts of different lengths in lockstep); every shape below gains that B.
+(generation decodes prompts of different lengths in lockstep; packed training rows restart them
+at 0 in every document); every shape below gains that B.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ class PositionContext:
     bias: Tensor | None = None  # (H or 1, T, S) or (B, H, T, S) added to attention scores
     q_rotary: tuple[Tensor, Tensor] | None = None  # cos, sin: (T, head_dim) or (B, 1, T, head_dim)
     k_rotary: tuple[Tensor, Tensor] | None = None  # cos, sin: (S, head_dim) or (B, 1, S, head_dim)
+    # Packed rows (document masking): (B, T) and (B, S) document index of each query and key,
+    # non-decreasing along the row. A query then sees only earlier keys of its own document.
+    q_seg: Tensor | None = None
+    k_seg: Tensor | None = None
 
     def rotate_q(self, q: Tensor) -> Tensor:
         return q if self.q_rotary is None else apply_rotary(q, *self.q_rotary)

@@ -6,7 +6,7 @@ forward below is the same for GPT-2, the classic post-LN transformer and Llama-s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -77,22 +77,27 @@ class Transformer(nn.Module):
         ffn = build(FFNS, cfg.ffn, "ffn", d_model=cfg.d_model, bias=cfg.bias, dropout=cfg.dropout, layer=layer)
         return build(BLOCKS, cfg.block, "block", attention=attention, ffn=ffn, norm_1=self._norm(), norm_2=self._norm())
 
-    def forward(self, idx: Tensor, positions: Tensor | None = None) -> Tensor:
+    def forward(self, idx: Tensor, positions: Tensor | None = None, segments: Tensor | None = None) -> Tensor:
         """idx: (B, T) token ids -> logits (B, T, V). positions: (T,) or (B, T), arange(T) unless
-        given (generation passes later positions; see llmkit/generation)."""
+        given (generation passes later positions; see llmkit/generation). segments: (B, T) document
+        index of each token when rows pack several documents, whose positions then restart at 0:
+        a token attends only to earlier tokens of its own document."""
         T = idx.size(1)
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         pos = torch.arange(T, device=idx.device) if positions is None else positions
-        ctx = self.position.context(pos, pos)
+        ctx = replace(self.position.context(pos, pos), q_seg=segments, k_seg=segments)
         x = self.dropout(self.position.embed(self.tok_emb(idx), pos))  # (B, T, C)
         for block in self.blocks:
             x = block(x, ctx)
         return self.head(self.norm(x))
 
-    def loss(self, idx: Tensor, targets: Tensor) -> LossOutput:
-        """Next-token cross-entropy (targets == -100 are ignored) plus any auxiliary losses."""
-        logits = self(idx)
+    def loss(
+        self, idx: Tensor, targets: Tensor, positions: Tensor | None = None, segments: Tensor | None = None
+    ) -> LossOutput:
+        """Next-token cross-entropy (targets == -100 are ignored) plus any auxiliary losses;
+        positions and segments as in forward."""
+        logits = self(idx, positions, segments)
         ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         aux = self.pop_aux_losses()
         return LossOutput(loss=ce + sum(aux.values()), ce=ce, logits=logits, aux=aux, metrics=self.pop_metrics())

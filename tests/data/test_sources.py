@@ -1,12 +1,27 @@
-"""Text sources: local files and globs, truncation, the offline stdlib corpus."""
+"""Text sources: local files and globs, JSON lines, Hugging Face datasets (local files only, never the
+hub), truncation, the offline stdlib corpus. Sources are generators; tests wrap them in list()."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-from llmkit.data.sources import SOURCES, stdlib_corpus, text_files
+# never touch the Hugging Face hub, even if a test goes wrong (read when datasets is first imported)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from llmkit.data import sources  # noqa: E402
+from llmkit.data.sources import SOURCES, Document  # noqa: E402
+
+
+def text_files(**options) -> list[Document]:
+    return list(sources.text_files(**options))
+
+
+def stdlib_corpus(**options) -> list[Document]:
+    return list(sources.stdlib_corpus(**options))
 
 
 def _write(path: Path, text: str) -> Path:
@@ -91,9 +106,9 @@ def test_max_bytes_truncates_across_documents(tmp_path: Path) -> None:
 
 def test_registry_builds_sources_and_ignores_extra_settings(three_files: Path) -> None:
     docs = SOURCES.build("text", path=str(three_files / "*.txt"), max_bytes=None, unrelated=1)
-    assert len(docs) == 3
-    assert set(SOURCES.names()) >= {"stdlib", "text"}
-    with pytest.raises(KeyError, match="stdlib, text"):
+    assert len(list(docs)) == 3
+    assert SOURCES.names() == ["hf", "jsonl", "stdlib", "text"]
+    with pytest.raises(KeyError, match="hf, jsonl, stdlib, text"):
         SOURCES.build("nope")
 
 
@@ -133,3 +148,158 @@ def test_path_matching_only_directories_says_so(tmp_path: Path) -> None:
     (tmp_path / "corpus").mkdir()
     with pytest.raises(FileNotFoundError, match="matches only directories"):
         text_files(path=str(tmp_path / "corpus"))
+
+
+# ---- streaming -----------------------------------------------------------------------------------
+def test_sources_are_lazy_iterators(three_files: Path) -> None:
+    docs = SOURCES.build("text", path=str(three_files / "*.txt"))
+    assert iter(docs) is docs  # a generator, not a list
+    assert next(docs)[1] == "first file\n"
+    stdlib = SOURCES.build("stdlib")
+    assert next(stdlib)[0].startswith("pydoc:")
+
+
+def test_truncation_stops_pulling_from_the_source() -> None:
+    pulled = []
+
+    def endless():
+        for i in range(10**9):
+            pulled.append(i)
+            yield f"doc{i}", "x" * 10
+
+    docs = list(sources._truncate(endless(), max_bytes=25))
+    assert [len(t) for _, t in docs] == [10, 10, 5]
+    assert pulled == [0, 1, 2]  # a streamed source reads nothing past the limit
+    assert list(sources._truncate(endless(), max_bytes=0)) == []
+
+
+# ---- jsonl ---------------------------------------------------------------------------------------
+def _jsonl(path: Path, lines: list[str], compress: bool = False) -> Path:
+    import gzip
+
+    data = "".join(line + "\n" for line in lines)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if compress:
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(data)
+    else:
+        path.write_text(data, encoding="utf-8")
+    return path
+
+
+def jsonl(**options) -> list[Document]:
+    return list(SOURCES.build("jsonl", **options))
+
+
+def test_jsonl_one_document_per_record_named_by_file_and_line(tmp_path: Path) -> None:
+    f = _jsonl(tmp_path / "a.jsonl", ['{"text": "first", "n": 1}', "", "   ", '{"text": "second\\nline"}'])
+    assert jsonl(path=str(f)) == [(f"{f}:1", "first"), (f"{f}:4", "second\nline")]  # empty lines skipped
+
+
+def test_jsonl_id_field_and_dotted_text_field(tmp_path: Path) -> None:
+    f = _jsonl(tmp_path / "a.jsonl", ['{"meta": {"body": "deep", "id": 7}}', '{"meta.body": "literal key", "meta": {"id": 8}}'])
+    assert jsonl(path=str(f), text_field="meta.body", id_field="meta.id") == [("7", "deep"), ("8", "literal key")]
+
+
+def test_jsonl_gzip_glob_and_list_of_paths(tmp_path: Path) -> None:
+    a = _jsonl(tmp_path / "a.jsonl.gz", ['{"text": "ä gz"}'], compress=True)
+    b = _jsonl(tmp_path / "b.jsonl", ['{"text": "plain"}'])
+    assert jsonl(path=str(tmp_path / "*.jsonl*")) == [(f"{a}:1", "ä gz"), (f"{b}:1", "plain")]
+    assert [t for _, t in jsonl(path=[str(b), str(a)])] == ["plain", "ä gz"]
+
+
+def test_jsonl_bad_line_names_file_and_line(tmp_path: Path) -> None:
+    f = _jsonl(tmp_path / "a.jsonl", ['{"text": "ok"}', '{"text": broken'])
+    with pytest.raises(ValueError, match="line 2: not valid JSON") as info:
+        jsonl(path=str(f))
+    assert str(f) in str(info.value)
+
+
+def test_jsonl_missing_field_names_field_file_line_and_keys(tmp_path: Path) -> None:
+    f = _jsonl(tmp_path / "a.jsonl", ['{"text": "ok"}', '{"body": "x", "id": 1}'])
+    with pytest.raises(ValueError, match=r"line 2: no field 'text' in the record; its keys: \['body', 'id'\]") as info:
+        jsonl(path=str(f))
+    assert str(f) in str(info.value)
+    with pytest.raises(ValueError, match="no field 'meta.body'"):
+        jsonl(path=str(f), text_field="meta.body")
+    numbers = _jsonl(tmp_path / "b.jsonl", ['{"text": 12}'])
+    with pytest.raises(ValueError, match="line 1: field 'text' holds int, not text"):
+        jsonl(path=str(numbers))
+
+
+def test_jsonl_path_errors_come_when_the_source_is_built(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="data=jsonl needs data.path"):
+        SOURCES.build("jsonl")
+    with pytest.raises(FileNotFoundError, match="nothing matches"):
+        SOURCES.build("jsonl", path=str(tmp_path / "*.jsonl"))
+
+
+def test_jsonl_max_bytes_and_extra_settings(tmp_path: Path) -> None:
+    f = _jsonl(tmp_path / "a.jsonl", [f'{{"text": "{c * 10}"}}' for c in "abc"])
+    assert [t for _, t in jsonl(path=str(f), max_bytes=15, dataset="ignored", split="x")] == ["a" * 10, "b" * 5]
+
+
+# ---- hf (Hugging Face datasets, local files only) ------------------------------------------------
+@pytest.fixture
+def hf_offline(tmp_path: Path, monkeypatch):
+    """datasets, forced offline, caching under tmp_path (the env variables above are only read at import)."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    return datasets
+
+
+def hf(**options) -> list[Document]:
+    return list(SOURCES.build("hf", **options))
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_hf_json_files(tmp_path: Path, hf_offline, streaming: bool) -> None:
+    f = _jsonl(tmp_path / "a.jsonl", ['{"text": "zero", "id": "z"}', '{"text": "one", "id": "o"}'])
+    docs = hf(dataset="json", data_files=str(f), streaming=streaming)
+    assert docs == [("json:train:0", "zero"), ("json:train:1", "one")]
+    assert hf(dataset="json", data_files=[str(f)], streaming=streaming, id_field="id") == [("z", "zero"), ("o", "one")]
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_hf_parquet_files_nested_field_and_max_bytes(tmp_path: Path, hf_offline, streaming: bool) -> None:
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    table = pa.table({"meta": [{"body": "a" * 10}, {"body": "b" * 10}, {"body": "c" * 10}]})
+    pq.write_table(table, tmp_path / "a.parquet")
+    files = str(tmp_path / "a.parquet")
+    docs = hf(dataset="parquet", data_files=files, text_field="meta.body", streaming=streaming, max_bytes=15)
+    assert docs == [("parquet:train:0", "a" * 10), ("parquet:train:1", "b" * 5)]
+
+
+def test_hf_missing_text_field_names_it(tmp_path: Path, hf_offline) -> None:
+    f = _jsonl(tmp_path / "a.jsonl", ['{"content": "x"}'])
+    with pytest.raises(ValueError, match=r"json:train, record 0: no field 'text' in the record; its keys: \['content'\]"):
+        hf(dataset="json", data_files=str(f))
+
+
+def test_hf_save_to_disk_directories(tmp_path: Path, hf_offline) -> None:
+    datasets = hf_offline
+    datasets.Dataset.from_dict({"text": ["s0", "s1"]}).save_to_disk(str(tmp_path / "one"))
+    splits = {"train": ["t0", "t1"], "validation": ["v0"]}
+    datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": v}) for k, v in splits.items()}).save_to_disk(
+        str(tmp_path / "many")
+    )
+    assert hf(dataset=str(tmp_path / "one")) == [(f"{tmp_path / 'one'}:train:0", "s0"), (f"{tmp_path / 'one'}:train:1", "s1")]
+    assert [t for _, t in hf(dataset=str(tmp_path / "many"), split="validation")] == ["v0"]
+    assert [t for _, t in hf(dataset=str(tmp_path / "many"))] == ["t0", "t1"]
+
+
+def test_hf_needs_a_dataset() -> None:
+    with pytest.raises(ValueError, match="data.dataset"):
+        SOURCES.build("hf", path="unused")
+
+
+def test_hf_without_datasets_says_how_to_install(monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
+    with pytest.raises(ImportError, match="pip install datasets"):
+        SOURCES.build("hf", dataset="json")

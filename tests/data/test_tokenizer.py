@@ -1,11 +1,24 @@
-"""Tokenizers: exact round trips, save/load, fingerprints, the registry."""
+"""Tokenizers: exact round trips, save/load, fingerprints, the registry, training options, pickling,
+and loading existing models (a sentencepiece .model, a Hugging Face tokenizer.json built here)."""
 
 from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
 
 import pytest
 
 from llmkit.data.sources import stdlib_corpus
-from llmkit.data.tokenizer import CharTokenizer, SentencePieceTokenizer, load_tokenizer, train_tokenizer
+from llmkit.data.tokenizer import (
+    CharTokenizer,
+    HFTokenizer,
+    SentencePieceTokenizer,
+    load_pretrained_tokenizer,
+    load_tokenizer,
+    tokenizer_from_state,
+    train_tokenizer,
+)
 
 VOCAB = 400
 SP_KINDS = ["bpe", "unigram"]
@@ -171,3 +184,185 @@ def test_vocabulary_too_small_for_the_characters_gives_a_clear_error() -> None:
     text = "".join(chr(0x4E00 + i) for i in range(200)) * 3  # 200 distinct characters
     with pytest.raises(ValueError, match="raise data.vocab_size"):
         train_tokenizer("bpe", [text], 300)
+
+
+# ---- special tokens and training options ---------------------------------------------------------
+SMALL_VOCAB = 350
+
+
+@pytest.fixture(scope="module")
+def small_corpus() -> list[str]:
+    return [text for _, text in stdlib_corpus(max_bytes=40_000)]
+
+
+@pytest.fixture(scope="module")
+def small_bpe(small_corpus: list[str]) -> SentencePieceTokenizer:
+    return train_tokenizer("bpe", small_corpus, SMALL_VOCAB)
+
+
+def test_default_special_ids(small_bpe: SentencePieceTokenizer) -> None:
+    assert (small_bpe.sp.unk_id(), small_bpe.bos_id, small_bpe.eos_id, small_bpe.pad_id) == (0, 1, 2, 3)
+    assert [small_bpe.sp.id_to_piece(i) for i in range(4)] == ["<unk>", "<s>", "</s>", "<pad>"]
+    char = train_tokenizer("char", ["abc"], 0)
+    assert (char.bos_id, char.eos_id, char.pad_id) == (None, None, None)
+
+
+def test_explicit_defaults_keep_the_fingerprint(small_corpus, small_bpe) -> None:
+    # configs that spell out the defaults must reuse caches and checkpoints made without them
+    explicit = train_tokenizer(
+        "bpe", small_corpus, SMALL_VOCAB, byte_fallback=True, special_tokens={"bos": "<s>", "eos": "</s>", "pad": "<pad>"},
+        user_symbols=["\n"], character_coverage=0.9995,
+    )
+    assert explicit.fingerprint == small_bpe.fingerprint
+
+
+def test_special_tokens_renamed_and_disabled(small_corpus) -> None:
+    tok = train_tokenizer(
+        "unigram", small_corpus, SMALL_VOCAB, special_tokens={"bos": None, "eos": "<|endoftext|>", "pad": None}
+    )
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (None, 1, None)
+    assert tok.sp.id_to_piece(1) == "<|endoftext|>" and tok.sp.bos_id() == -1
+    # eos separates documents and vanishes in decode, like the default one
+    assert tok.decode(tok.encode("a = 1") + [tok.eos_id] + tok.encode("b")) == "a = 1b"
+    with pytest.raises(ValueError, match="valid keys: unk, bos, eos, pad"):
+        train_tokenizer("bpe", small_corpus, SMALL_VOCAB, special_tokens={"cls": "<cls>"})
+
+
+def test_user_symbols_are_single_pieces(small_corpus) -> None:
+    tok = train_tokenizer("bpe", small_corpus, SMALL_VOCAB, user_symbols=["<|im_start|>", "<|im_end|>"])
+    start, end = (tok.sp.piece_to_id(p) for p in ("<|im_start|>", "<|im_end|>"))
+    assert tok.encode("<|im_start|>") == [start] and tok.encode("<|im_end|>") == [end]
+    assert tok.sp.piece_to_id("\n") not in (start, end, tok.sp.unk_id())  # "\n" is still a piece
+    assert tok.decode(tok.encode("x<|im_end|>\n")) == "x<|im_end|>\n"
+
+
+def test_without_byte_fallback_unseen_characters_are_unknown(small_corpus) -> None:
+    # no 256 byte pieces needed: a vocabulary smaller than 256 trains
+    tok = train_tokenizer("bpe", small_corpus, 200, byte_fallback=False, character_coverage=1.0)
+    assert tok.vocab_size <= 200
+    assert not any(tok.sp.is_byte(i) for i in range(tok.vocab_size))
+    assert tok.sp.unk_id() in tok.encode("日本")
+    with_fallback = train_tokenizer("bpe", small_corpus, SMALL_VOCAB)
+    assert tok.sp.unk_id() not in with_fallback.encode("日本")
+
+
+def test_options_are_ignored_by_char() -> None:
+    tok = train_tokenizer("char", ["ab"], 0, byte_fallback=False, special_tokens={"bos": None})
+    assert tok.fingerprint == train_tokenizer("char", ["ab"], 0).fingerprint
+
+
+# ---- existing models: a Hugging Face tokenizer.json, a sentencepiece .model -----------------------
+HF_TEXTS = ["the quick brown fox jumps over the lazy dog", "def f(x):\n    return x + 1\n", "ünïcødé café 日本語"] * 5
+
+
+@pytest.fixture(scope="module")
+def hf_json(tmp_path_factory) -> Path:
+    """A tiny byte-level BPE built with the tokenizers library (exact round trips, like GPT-2's)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<s>", "</s>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(HF_TEXTS, trainer)
+    path = tmp_path_factory.mktemp("hf") / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+def test_hf_tokenizer_json_loads_and_round_trips(hf_json: Path) -> None:
+    tok = load_pretrained_tokenizer(hf_json)
+    assert isinstance(tok, HFTokenizer) and tok.kind == "hf_tokenizers"
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2)
+    assert tok.vocab_size == 320
+    for text in [SAMPLE, *HF_TEXTS[:3], "unseen words 🙂"]:
+        ids = tok.encode(text)
+        assert all(0 <= i < tok.vocab_size for i in ids)
+        assert tok.decode(ids) == text
+    assert tok.bos_id not in tok.encode("the fox")  # encode adds no special tokens
+    assert tok.decode(tok.encode("a") + [tok.eos_id] + tok.encode("b")) == "ab"
+    assert load_pretrained_tokenizer(hf_json.parent).fingerprint == tok.fingerprint  # the directory works too
+
+
+def test_hf_tokenizer_save_load_state_and_fingerprint(hf_json: Path, tmp_path: Path) -> None:
+    tok = load_pretrained_tokenizer(hf_json)
+    tok.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llmkit_tokenizer.json", "tokenizer.json"]
+    assert "model" in json.loads((tmp_path / "tokenizer.json").read_text())  # the HF file, not our meta
+    for again in (load_tokenizer(tmp_path), tokenizer_from_state(tok.to_state()), load_pretrained_tokenizer(tmp_path)):
+        assert isinstance(again, HFTokenizer)
+        assert again.fingerprint == tok.fingerprint == load_pretrained_tokenizer(hf_json).fingerprint
+        assert again.encode(SAMPLE) == tok.encode(SAMPLE)
+    state = tok.to_state()
+    assert state == {"kind": "hf_tokenizers", "json": hf_json.read_text(encoding="utf-8")}
+    # a bare HF tokenizer.json directory (no llmkit meta) loads as well
+    (tmp_path / "llmkit_tokenizer.json").unlink()
+    assert load_tokenizer(tmp_path).fingerprint == tok.fingerprint
+
+
+def test_sentencepiece_model_file_loads(small_bpe: SentencePieceTokenizer, tmp_path: Path) -> None:
+    model = tmp_path / "m.model"
+    model.write_bytes(small_bpe.proto)
+    tok = load_pretrained_tokenizer(model)
+    assert isinstance(tok, SentencePieceTokenizer)
+    assert tok.fingerprint == small_bpe.fingerprint and tok.encode(SAMPLE) == small_bpe.encode(SAMPLE)
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "tokenizer.model").write_bytes(small_bpe.proto)  # e.g. a Llama checkpoint directory
+    assert load_pretrained_tokenizer(tmp_path / "dir").fingerprint == small_bpe.fingerprint
+
+
+def test_load_pretrained_tokenizer_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        load_pretrained_tokenizer(tmp_path / "missing.model")
+    with pytest.raises(FileNotFoundError, match="tokenizer.model"):
+        load_pretrained_tokenizer(tmp_path)
+    (tmp_path / "vocab.txt").write_text("a\n")
+    with pytest.raises(ValueError, match="expected a sentencepiece .model"):
+        load_pretrained_tokenizer(tmp_path / "vocab.txt")
+
+
+# ---- meta file: new name, old directories still load ---------------------------------------------
+def test_new_saves_use_llmkit_tokenizer_json(small_bpe: SentencePieceTokenizer, tmp_path: Path) -> None:
+    small_bpe.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llmkit_tokenizer.json", "tokenizer.model"]
+
+
+def test_directories_from_older_llmkit_still_load(small_bpe: SentencePieceTokenizer, tmp_path: Path) -> None:
+    old_char, old_sp = tmp_path / "char", tmp_path / "sp"
+    old_char.mkdir()
+    (old_char / "tokenizer.json").write_text(json.dumps({"kind": "char", "chars": "abc"}))
+    assert load_tokenizer(old_char).fingerprint == CharTokenizer("abc").fingerprint
+    old_sp.mkdir()
+    (old_sp / "tokenizer.json").write_text(json.dumps({"kind": "sentencepiece"}))
+    (old_sp / "tokenizer.model").write_bytes(small_bpe.proto)
+    assert load_tokenizer(old_sp).fingerprint == small_bpe.fingerprint
+    assert load_pretrained_tokenizer(old_sp).fingerprint == small_bpe.fingerprint  # not mistaken for an HF file
+
+
+# ---- batch encoding and pickling (for worker processes) ------------------------------------------
+@pytest.fixture(scope="module")
+def every_kind(small_corpus, small_bpe, hf_json) -> dict:
+    return {"char": train_tokenizer("char", small_corpus, 0), "bpe": small_bpe, "hf": load_pretrained_tokenizer(hf_json)}
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe", "hf"])
+def test_encode_batch_matches_encode(kind: str, every_kind: dict) -> None:
+    tok = every_kind[kind]
+    texts = [SAMPLE, "", "x", *HF_TEXTS[:3]]
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+    assert tok.encode_batch([]) == []
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe", "hf"])
+def test_tokenizers_pickle(kind: str, every_kind: dict) -> None:
+    tok = every_kind[kind]
+    again = pickle.loads(pickle.dumps(tok))
+    assert type(again) is type(tok)
+    assert again.fingerprint == tok.fingerprint and again.vocab_size == tok.vocab_size
+    assert (again.bos_id, again.eos_id, again.pad_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    assert again.encode(SAMPLE) == tok.encode(SAMPLE)
+    assert again.decode(tok.encode(SAMPLE)) == tok.decode(tok.encode(SAMPLE))
