@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from llmkit.checkpoint import consolidate, load_checkpoint
+from llmkit.data.prepared import PreparedDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 # small stdlib corpus, char-level: builds in a second, and nominal epochs of 17 batches, so
@@ -42,10 +43,16 @@ def metrics(run_dir: Path, key: str) -> dict[int, float]:
         return {int(row["step"]): float(row[key]) for row in csv.DictReader(f) if row.get(key)}
 
 
+def split_tokens(cache: Path, split: str) -> np.ndarray:
+    """Every token of one split of the single prepared dataset in cache, in order."""
+    (directory,) = [d for d in cache.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    dataset = PreparedDataset.open(directory)
+    streams = [dataset.stream(c, split) for c in dataset.components]
+    return np.concatenate([s.read(0, s.total) for s in streams])
+
+
 def unigram_entropy(cache: Path) -> float:
-    (corpus,) = [d for d in cache.iterdir() if d.is_dir() and not d.name.startswith(".")]
-    meta = json.loads((corpus / "meta.json").read_text())
-    tokens = np.fromfile(corpus / "train.bin", dtype=meta["dtype"])
+    tokens = split_tokens(cache, "train")
     counts = np.array(list(Counter(tokens.tolist()).values()), dtype=np.float64)
     p = counts / counts.sum()
     return float(-(p * np.log(p)).sum())
@@ -54,7 +61,10 @@ def unigram_entropy(cache: Path) -> float:
 @pytest.mark.slow
 def test_loss_falls_well_below_unigram_entropy_and_summary_is_complete(tmp_path: Path) -> None:
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
-    result = train(run_dir, cache, "trainer.max_steps=100")
+    # random windows, as the threshold was set with: on 17 packed sequences an epoch, the last-10-step
+    # mean depends on which sequences those steps draw (seed 1337: 2.80 vs 2.52; seeds 1, 2: epoch order
+    # is as good or better). Epoch order itself is covered by the resume tests below.
+    result = train(run_dir, cache, "trainer.max_steps=100", "data.sampling=random")
     entropy = unigram_entropy(cache)
     losses = metrics(run_dir, "train/loss")
     late = sum(losses[s] for s in range(90, 100)) / 10
@@ -172,8 +182,7 @@ def test_two_process_fsdp_rehearsal_on_cpu_writes_a_sharded_checkpoint(tmp_path:
     single = consolidate(last, tmp_path / "model.ckpt")
     loaded = load_checkpoint(single)
     assert loaded.step == 20 and loaded.tokenizer is not None
-    meta = json.loads(next((tmp_path / "cache").glob("*/meta.json")).read_text())
-    val = np.fromfile(next((tmp_path / "cache").glob("*/val.bin")), dtype=meta["dtype"]).astype(np.int64)
+    val = split_tokens(tmp_path / "cache", "val")
     n = min((len(val) - 1) // 64, 32)  # the validation windows the run used (data.val_windows=32)
     windows = torch.from_numpy(val[: n * 64 + 1])
     inputs, targets = windows[:-1].view(n, 64), windows[1:].view(n, 64)

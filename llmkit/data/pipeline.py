@@ -40,13 +40,15 @@ from llmkit.data.splits import SPLITS, assign_splits
 from llmkit.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 CLEAN_DIR, TOKENIZER_DIR, REPORT = "clean", "tokenizer", "cleaning_report.json"
+COMPONENT_KEYS = ("source", "weight", "split_by")  # a component's own settings; the rest go to its source
 
 
 @dataclass
 class DataSpec:
     """Every setting that decides which tokens end up in the shards (nothing about batching)."""
 
-    components: dict[str, dict[str, Any]]  # name -> source options: {"source": ..., "weight": ..., ...}
+    # name -> {"source": ..., "weight": ..., "split_by": ... (overrides `split` for this component), source options}
+    components: dict[str, dict[str, Any]]
     clean: dict[str, Any] = field(default_factory=dict)
     split: str = "hash"
     val_fraction: float = 0.1
@@ -86,7 +88,7 @@ def source_fingerprint(options: dict[str, Any]) -> Any:
 
 
 def read_documents(options: dict[str, Any]) -> Iterator[Document]:
-    opts = {k: v for k, v in options.items() if k not in ("source", "weight")}
+    opts = {k: v for k, v in options.items() if k not in COMPONENT_KEYS}
     yield from SOURCES.build(options.get("source", "text"), **opts)
 
 
@@ -99,7 +101,8 @@ def clean_stage(spec: DataSpec, name: str, work: Path, progress: bool = True) ->
     docs = tqdm(read_documents(spec.components[name]), desc=f"clean {name}", unit=" docs", disable=not progress)
     counts = dict.fromkeys(SPLITS, 0)
     with _JsonlWriters(out) as writers:
-        for split, doc in assign_splits(cleaner(docs), spec.split, spec.val_fraction, spec.test_fraction, spec.split_key):
+        split_by = spec.components[name].get("split_by") or spec.split
+        for split, doc in assign_splits(cleaner(docs), split_by, spec.val_fraction, spec.test_fraction, spec.split_key):
             writers.write(split, doc)
             counts[split] += 1
     cleaner.report.write(work / name / REPORT)

@@ -64,24 +64,44 @@ class TokenStream:
 
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) as int64, across shard boundaries."""
-        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        shard = int(np.searchsorted(self.offsets, start, side="right")) - 1
         out, filled = np.empty(length, np.int64), 0
         while filled < length:
-            shard = self.shards[first]
-            lo = start + filled - int(self.offsets[first])
-            piece = shard.tokens[lo : lo + length - filled]
+            lo = start + filled - int(self.offsets[shard])
+            piece = self.shards[shard].tokens[lo : lo + length - filled]
             out[filled : filled + len(piece)] = piece
             filled += len(piece)
-            first += 1
+            shard += 1
         return out
 
-    def document_layout(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    def read_rows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """(R, length) int64: row r is tokens [starts[r], starts[r] + length). Rows inside one
+        shard are gathered together; the rare row that crosses a shard boundary is read alone."""
+        shard_of = np.searchsorted(self.offsets, starts, side="right") - 1  # (R,)
+        local = starts - self.offsets[shard_of]
+        inside = starts + length <= self.offsets[shard_of + 1]
+        out = np.empty((len(starts), length), np.int64)
+        for shard in np.unique(shard_of[inside]):
+            rows = np.flatnonzero(inside & (shard_of == shard))
+            out[rows] = self.shards[shard].tokens[local[rows, None] + np.arange(length)]  # (rows, length)
+        for row in np.flatnonzero(~inside):
+            out[row] = self.read(int(starts[row]), length)
+        return out
+
+    def document_layout(self, starts: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
         """positions (restarting at each document start, or at the window start) and segment ids
-        (0, 1, ... per document within the window), each (length,) int64."""
-        index = start + np.arange(length)
-        doc = np.searchsorted(self.doc_starts, index, side="right") - 1  # (length,) document of each token
-        doc_begin = np.maximum(self.doc_starts[np.maximum(doc, 0)], start)
-        return index - doc_begin, doc - doc[0]
+        (0, 1, ... per document within the window), each (R, length) int64."""
+        starts = np.asarray(starts, np.int64)
+        first = np.searchsorted(self.doc_starts, starts, side="right")  # (R,) first document start after the row's
+        last = np.searchsorted(self.doc_starts, starts + length, side="left")
+        counts = last - first  # documents beginning inside each row
+        rows = np.repeat(np.arange(len(starts)), counts)
+        docs = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(first, counts)
+        boundary = np.zeros((len(starts), length), bool)
+        boundary[rows, self.doc_starts[docs] - starts[rows]] = True
+        column = np.arange(length)
+        segment_begin = np.maximum.accumulate(np.where(boundary, column, 0), axis=1)
+        return column - segment_begin, np.cumsum(boundary, axis=1)
 
 
 class PackedSequences:
@@ -95,9 +115,16 @@ class PackedSequences:
             raise ValueError(f"{stream.total} tokens are too few for one sequence of {seq_len} tokens")
         self._order: tuple[int, np.ndarray] | None = None
 
+    def starts(self, i: np.ndarray) -> np.ndarray:
+        epochs, within = np.divmod(i, self.n)
+        out = np.empty(len(i), np.int64)
+        for epoch in np.unique(epochs):
+            mine = epochs == epoch
+            out[mine] = self._epoch_order(int(epoch))[within[mine]] * self.seq_len
+        return out
+
     def start(self, i: int) -> int:
-        epoch, within = divmod(i, self.n)
-        return int(self._epoch_order(epoch)[within]) * self.seq_len
+        return int(self.starts(np.array([i]))[0])
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
@@ -116,16 +143,21 @@ class RandomWindows:
         self.stream, self.seq_len, self.seed = stream, seq_len, seed
         self.n = stream.total - seq_len - 1  # possible start offsets
 
+    def starts(self, i: np.ndarray) -> np.ndarray:
+        key = np.uint64((self.seed * 0x9E3779B97F4A7C15) & _MASK64)
+        with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as the hash intends
+            hashed = _mix64(np.asarray(i, np.uint64) + key)
+        return (hashed % np.uint64(self.n)).astype(np.int64)
+
     def start(self, i: int) -> int:
-        return _mix64(self.seed * 0x9E3779B97F4A7C15 + i) % self.n
+        return int(self.starts(np.array([i]))[0])
 
 
-def _mix64(x: int) -> int:
+def _mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser: consecutive inputs give independent-looking 64-bit outputs."""
-    x &= _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
 class Mixture:
@@ -141,11 +173,20 @@ class Mixture:
         self.seed, self.block = seed, block
         self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
 
+    def locate_many(self, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(component, index within it) for every global sample index in j."""
+        blocks, slots = np.divmod(j, self.block)
+        components, indices = np.empty(len(j), np.int64), np.empty(len(j), np.int64)
+        for block in np.unique(blocks):
+            mine = blocks == block
+            layout, ranks = self._layout(int(block))
+            components[mine] = layout[slots[mine]]
+            indices[mine] = block * self.counts[components[mine]] + ranks[slots[mine]]
+        return components, indices
+
     def locate(self, j: int) -> tuple[int, int]:
-        block, slot = divmod(j, self.block)
-        components, ranks = self._layout(block)
-        c = int(components[slot])
-        return c, block * int(self.counts[c]) + int(ranks[slot])
+        c, i = self.locate_many(np.array([j]))
+        return int(c[0]), int(i[0])
 
     def _layout(self, block: int) -> tuple[np.ndarray, np.ndarray]:
         if self._cache is None or self._cache[0] != block:
@@ -183,22 +224,26 @@ class TrainBatches(Dataset):
         return range(first, first + self.batch_size)
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor, ...]:
-        rows = [self._sample(j) for j in self.sample_ids(k)]
-        return tuple(torch.from_numpy(np.stack(column)) for column in zip(*rows, strict=True))
+        ids = np.asarray(self.sample_ids(k))
+        components, indices = self.mixture.locate_many(ids)
+        columns: list[np.ndarray] | None = None
+        for c in np.unique(components):
+            rows = np.flatnonzero(components == c)
+            source = self.components[c]
+            parts = windows(source.stream, source.starts(indices[rows]), source.seq_len, self.document_mask)
+            columns = columns or [np.empty((len(ids), *p.shape[1:]), np.int64) for p in parts]
+            for column, part in zip(columns, parts, strict=True):
+                column[rows] = part
+        return tuple(torch.from_numpy(column) for column in columns)
 
-    def _sample(self, j: int) -> tuple[np.ndarray, ...]:
-        c, i = self.mixture.locate(j)
-        source = self.components[c]
-        return window(source.stream, source.start(i), source.seq_len, self.document_mask)
 
-
-def window(stream: TokenStream, start: int, seq_len: int, document_mask: bool) -> tuple[np.ndarray, ...]:
-    """(inputs, targets) or (inputs, targets, positions, segments), each (seq_len,) int64."""
-    tokens = stream.read(start, seq_len + 1)
+def windows(stream: TokenStream, starts: np.ndarray, seq_len: int, document_mask: bool) -> tuple[np.ndarray, ...]:
+    """(inputs, targets) or (inputs, targets, positions, segments), each (R, seq_len) int64."""
+    tokens = stream.read_rows(starts, seq_len + 1)  # (R, seq_len + 1)
     if not document_mask:
-        return tokens[:-1], tokens[1:]
-    positions, segments = stream.document_layout(start, seq_len)
-    return tokens[:-1], tokens[1:], positions, segments
+        return tokens[:, :-1], tokens[:, 1:]
+    positions, segments = stream.document_layout(starts, seq_len)
+    return tokens[:, :-1], tokens[:, 1:], positions, segments
 
 
 class ValidationWindows(Dataset):
@@ -224,4 +269,4 @@ class ValidationWindows(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         stream, start = self.items[i]
-        return tuple(torch.from_numpy(a) for a in window(stream, start, self.seq_len, self.document_mask))
+        return tuple(torch.from_numpy(a[0]) for a in windows(stream, np.array([start]), self.seq_len, self.document_mask))

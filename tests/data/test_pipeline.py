@@ -87,16 +87,20 @@ def test_mixture_components_share_one_tokenizer_and_are_drawn_by_weight(jsonl: P
     text.write_text("\n\n".join(_doc(random.Random(100 + i), 60) for i in range(40)))
     mixture = {
         "web": {"source": "jsonl", "path": str(jsonl), "text_field": "body.text", "weight": 3.0},
-        "story": {"source": "text", "path": str(text), "weight": 1.0},
+        "story": {"source": "text", "path": str(text), "weight": 1.0, "split_by": "tail"},  # one file: split its tail
     }
     dm = LMDataModule(
-        mixture=mixture, tokenizer="char", split="tail", val_fraction=0.2, seq_len=16, batch_size=8,
+        mixture=mixture, tokenizer="char", split="hash", val_fraction=0.2, seq_len=16, batch_size=8,
         cache_dir=str(tmp_path / "cache"), progress=False, val_windows=20,
     )
     dm.prepare_data()
     dm.setup()
     assert dm.dataset.components == ["story", "web"] and dm.dataset.weights == [1.0, 3.0]
     assert dm.data_dir().name.startswith("mixture-char-")
+    story = dm.dataset.manifest["components"]["story"]["splits"]
+    assert story["train"]["documents"] == story["val"]["documents"] == 1  # split_by=tail for this component only
+    assert 0.15 < story["val"]["tokens"] / (story["train"]["tokens"] + story["val"]["tokens"]) < 0.25
+    assert dm.dataset.manifest["components"]["web"]["splits"]["train"]["documents"] > 30
     batches = dm.train_batches()
     drawn = Counter(batches.mixture.locate(j)[0] for j in range(4096))
     assert drawn == {0: 1024, 1: 3072}

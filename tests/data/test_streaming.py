@@ -44,16 +44,25 @@ def stream(tmp_path: Path) -> TokenStream:
 def test_reads_cross_shard_boundaries(stream: TokenStream) -> None:
     assert stream.total == 261 and len(stream.shards) == 6
     assert stream.read(45, 20).tolist() == list(range(45, 65))
+    starts = np.array([45, 0, 51, 240, 3, 100])  # rows inside one shard and rows across boundaries
+    assert stream.read_rows(starts, 20).tolist() == [list(range(s, s + 20)) for s in starts]
     assert stream.doc_starts.tolist() == [0, 13, 53, 60, 160, 191, 241, 243]
 
 
 def test_document_layout_restarts_positions_and_counts_segments(stream: TokenStream) -> None:
-    positions, segments = stream.document_layout(10, 8)  # tokens 10..17: doc 0 ends at 12, doc 1 starts at 13
+    positions, segments = (a[0] for a in stream.document_layout(np.array([10]), 8))  # tokens 10..17: doc 0 ends at 12, doc 1 starts at 13
     assert positions.tolist() == [0, 1, 2, 0, 1, 2, 3, 4]  # a document begun before the window restarts at 0
     assert segments.tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
-    positions, segments = stream.document_layout(50, 12)  # doc 1 -> doc 2 (53) -> doc 3 (60)
+    positions, segments = (a[0] for a in stream.document_layout(np.array([50]), 12))  # doc 1 -> doc 2 (53) -> doc 3 (60)
     assert segments.tolist() == [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 2, 2]
     assert positions.tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 0, 1]
+    # rows are independent: a batch of windows gives each window's own layout
+    starts = np.array([10, 50, 0, 55, 150])
+    positions, segments = stream.document_layout(starts, 12)
+    for row, start in enumerate(starts):
+        one = stream.document_layout(np.array([start]), 12)
+        assert positions[row].tolist() == one[0][0].tolist() and segments[row].tolist() == one[1][0].tolist()
+    assert positions[2].tolist() == list(range(12)) and segments[4].tolist() == [0] * 10 + [1] * 2  # doc 4 starts at 160
 
 
 class WithWorker(Dataset):
@@ -145,8 +154,8 @@ def test_batches_carry_document_layout_when_masking(stream: TokenStream) -> None
     assert torch.equal(x[:, 1:], y[:, :-1])
     for row in range(B):
         start = int(x[row, 0])
-        expected = stream.document_layout(start, T)
-        assert positions[row].tolist() == expected[0].tolist() and segments[row].tolist() == expected[1].tolist()
+        expected = stream.document_layout(np.array([start]), T)
+        assert positions[row].tolist() == expected[0][0].tolist() and segments[row].tolist() == expected[1][0].tolist()
         # a new segment begins exactly where a document starts
         starts = {int(s) for s in stream.doc_starts}
         assert all((int(x[row, t]) in starts) == (segments[row, t] != segments[row, t - 1]) for t in range(1, T))
