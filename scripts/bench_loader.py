@@ -163,9 +163,9 @@ def main() -> None:
 
     print(f"\n2. training run: experiment=shakespeare_char_cpu (T=64, B=12), packed sequences, {args.steps} steps, medians")
     print(f"   step time                      {run['step_ms']:8.2f} ms   ({run['tokens_per_s']:,.0f} tokens/s consumed)")
-    print(f"   inside the dataset (fetch)     {run['fetch_ms']:8.3f} ms   {100 * run['fetch_ms'] / run['step_ms']:5.2f}% of a step")
-    print(f"   step end -> next step start    {run['gap_ms']:8.3f} ms   {100 * run['gap_ms'] / run['step_ms']:5.2f}% of a step"
-          " (fetch + Lightning bookkeeping)")
+    for label, key, note in (("inside the dataset (fetch)", "fetch_ms", ""),
+                             ("step end -> next step start", "gap_ms", " (fetch + Lightning bookkeeping)")):
+        print(f"   {label:30s} {run[key]:8.3f} ms   {100 * run[key] / run['step_ms']:5.2f}% of a step{note}")
 
 
 if __name__ == "__main__":

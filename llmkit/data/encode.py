@@ -63,9 +63,11 @@ class ShardWriter:
         self.entries.append(write_shard(path, tokens.astype(self.dtype, copy=False), starts.astype(np.uint64)))
 
 
-def _init_worker(tokenizer: Tokenizer) -> None:
+def _init_worker(tokenizer: Tokenizer, threads: int | None = None) -> None:
     global _tokenizer
     _tokenizer = tokenizer
+    if threads is not None and hasattr(tokenizer, "encode_threads"):
+        tokenizer.encode_threads = threads  # processes, not threads inside each, share out the cores
 
 
 def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -120,10 +122,10 @@ def _encoded_chunks(
     docs: Iterable[Document], tokenizer: Tokenizer, processes: int, chunk_chars: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     chunks = _chunks(docs, chunk_chars)
-    if processes <= 1:
+    if processes <= 1:  # in this process, with the tokenizer's own threading
         _init_worker(tokenizer)
         yield from map(_encode_chunk, chunks)
         return
     # spawn, not fork: the parent may hold torch/OpenMP threads that a forked child inherits broken
-    with mp.get_context("spawn").Pool(processes, initializer=_init_worker, initargs=(tokenizer,)) as pool:
+    with mp.get_context("spawn").Pool(processes, initializer=_init_worker, initargs=(tokenizer, 1)) as pool:
         yield from pool.imap(_encode_chunk, chunks)

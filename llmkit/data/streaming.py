@@ -77,6 +77,8 @@ class TokenStream:
     def read_rows(self, starts: np.ndarray, length: int) -> np.ndarray:
         """(R, length) int64: row r is tokens [starts[r], starts[r] + length). Rows inside one
         shard are gathered together; the rare row that crosses a shard boundary is read alone."""
+        if len(self.offsets) == 2:  # one shard: a single gather
+            return self.shards[0].tokens[starts[:, None] + np.arange(length)].astype(np.int64)
         shard_of = np.searchsorted(self.offsets, starts, side="right") - 1  # (R,)
         local = starts - self.offsets[shard_of]
         inside = starts + length <= self.offsets[shard_of + 1]
@@ -117,6 +119,8 @@ class PackedSequences:
 
     def starts(self, i: np.ndarray) -> np.ndarray:
         epochs, within = np.divmod(i, self.n)
+        if epochs[0] == epochs[-1] and len(i) == i[-1] - i[0] + 1:  # consecutive indices in one epoch
+            return self._epoch_order(int(epochs[0]))[within] * self.seq_len
         out = np.empty(len(i), np.int64)
         for epoch in np.unique(epochs):
             mine = epochs == epoch
@@ -219,12 +223,18 @@ class TrainBatches(Dataset):
         self.rank, self.world_size, self.start_sample = rank, world_size, start_sample
         self.document_mask = document_mask
 
-    def sample_ids(self, k: int) -> range:
+    def sample_ids(self, k: int) -> np.ndarray:
         first = self.start_sample + (k * self.world_size + self.rank) * self.batch_size
-        return range(first, first + self.batch_size)
+        return np.arange(first, first + self.batch_size)
 
+    # A fetch runs between training steps with cold CPU caches, where every numpy call costs several
+    # times its warm price, so the common cases below take as few calls as they can.
     def __getitem__(self, k: int) -> tuple[torch.Tensor, ...]:
-        ids = np.asarray(self.sample_ids(k))
+        ids = self.sample_ids(k)
+        if len(self.components) == 1:  # no mixture: sample j of the only component is its j-th
+            source = self.components[0]
+            parts = windows(source.stream, source.starts(ids), source.seq_len, self.document_mask)
+            return tuple(torch.from_numpy(np.ascontiguousarray(part)) for part in parts)
         components, indices = self.mixture.locate_many(ids)
         columns: list[np.ndarray] | None = None
         for c in np.unique(components):

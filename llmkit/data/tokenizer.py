@@ -230,11 +230,14 @@ class SentencePieceTokenizer:
     def pad_id(self) -> int | None:
         return _none_if_negative(self.sp.pad_id())
 
+    encode_threads = -1  # encode_batch's threads; -1: every core. Encoding worker processes set 1.
+
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(list(texts))  # one call: sentencepiece encodes a list on its own threads
+        # one call: sentencepiece encodes a list on its own threads (all cores unless encode_threads is set)
+        return self.sp.encode(list(texts), num_threads=self.encode_threads)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode(list(ids))

@@ -50,7 +50,8 @@ def test_reads_cross_shard_boundaries(stream: TokenStream) -> None:
 
 
 def test_document_layout_restarts_positions_and_counts_segments(stream: TokenStream) -> None:
-    positions, segments = (a[0] for a in stream.document_layout(np.array([10]), 8))  # tokens 10..17: doc 0 ends at 12, doc 1 starts at 13
+    # tokens 10..17: doc 0 ends at 12, doc 1 starts at 13
+    positions, segments = (a[0] for a in stream.document_layout(np.array([10]), 8))
     assert positions.tolist() == [0, 1, 2, 0, 1, 2, 3, 4]  # a document begun before the window restarts at 0
     assert segments.tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
     positions, segments = (a[0] for a in stream.document_layout(np.array([50]), 12))  # doc 1 -> doc 2 (53) -> doc 3 (60)
