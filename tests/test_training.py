@@ -153,7 +153,13 @@ def test_two_process_ddp_rehearsal_on_cpu(tmp_path: Path) -> None:
     assert summary["steps"] == 20
     assert summary["tokens_seen"] == 20 * 16 * 64 * 2, "each of the 2 ranks contributes a batch per step"
     assert summary["config"]["trainer"]["devices"] == 2
-    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["LMDataModule"]["samples_consumed"] == 20 * 2 * 16
+
+    # resumed on one rank: the global sample count goes on from where the two ranks stopped
+    train(tmp_path / "one", tmp_path / "cache", "trainer.max_steps=30", f"ckpt_path={last}")
+    state = torch.load(tmp_path / "one" / "checkpoints" / "last.ckpt", weights_only=True)["LMDataModule"]
+    assert state["samples_consumed"] == 20 * 2 * 16 + 10 * 16 and state["global_step"] == 30
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ from llmkit.data.datasets import ResumableBatchSampler
 from llmkit.data.pipeline import DataSpec, dataset_dir, prepare
 from llmkit.data.prepared import PreparedDataset
 from llmkit.data.remote import cache_path, is_remote, localize
+from llmkit.data.shards import ShardError
 from llmkit.data.streaming import Mixture, PackedSequences, RandomWindows, TrainBatches, ValidationWindows
 from llmkit.data.tokenizer import Tokenizer
 
@@ -96,7 +97,10 @@ class LMDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is None:
-            self.dataset = PreparedDataset.open(self.data_dir(), self.verify)
+            dataset = PreparedDataset.open(self.data_dir(), self.verify)
+            if self.prepared is not None and self.spec.tokenizer_path:
+                _check_tokenizer(dataset, self.spec.tokenizer_path)
+            self.dataset = dataset
 
     # ---- what the model needs to know ------------------------------------------------------------
     @property
@@ -186,6 +190,19 @@ class LMDataModule(L.LightningDataModule):
                 f"than this run's ({where}, data fingerprint {self.dataset.fingerprint}), so its data position means "
                 "nothing here; resume with the same data settings, or start a new run from the checkpoint's weights"
             )
+
+
+def _check_tokenizer(dataset: PreparedDataset, tokenizer_path: str) -> None:
+    """A prepared dataset named together with a tokenizer: they must be the same tokenizer."""
+    from llmkit.data.tokenizer import load_pretrained_tokenizer
+
+    given = load_pretrained_tokenizer(tokenizer_path)
+    if given.fingerprint != dataset.tokenizer.fingerprint:
+        raise ShardError(
+            f"data.tokenizer_path={tokenizer_path} is not the tokenizer the shards in {dataset.directory} were written "
+            f"with (fingerprints {given.fingerprint} and {dataset.tokenizer.fingerprint}); drop data.tokenizer_path to "
+            "use the dataset's own, or prepare the data again with this tokenizer"
+        )
 
 
 def _components(

@@ -80,6 +80,12 @@ def test_existing_sentencepiece_model_is_used_instead_of_training(jsonl: Path, t
     directory = prepare(_spec(jsonl, tokenizer_path=str(model)), tmp_path / "out", "web", progress=False)
     assert "pretrained" in directory.name
     assert PreparedDataset.open(directory).tokenizer.fingerprint == trained.fingerprint
+    # the same model file with the prepared dataset is fine; another tokenizer is refused by name
+    LMDataModule(prepared=str(directory), tokenizer_path=str(model)).setup()
+    other = tmp_path / "other.model"
+    other.write_bytes(train_tokenizer("bpe", [_doc(random.Random(i)) for i in range(50)], 300).proto)
+    with pytest.raises(ShardError, match=f"tokenizer_path={other} is not the tokenizer the shards"):
+        LMDataModule(prepared=str(directory), tokenizer_path=str(other)).setup()
 
 
 def test_mixture_components_share_one_tokenizer_and_are_drawn_by_weight(jsonl: Path, tmp_path: Path) -> None:
