@@ -96,6 +96,24 @@ class TokenStream:
         starts = np.asarray(starts, np.int64)
         first = np.searchsorted(self.doc_starts, starts, side="right")  # (R,) first document start after the row's
         last = np.searchsorted(self.doc_starts, starts + length, side="left")
+        if (last - first).sum() <= 2 * len(starts):  # few boundaries (documents longer than rows): a short loop wins
+            return self._layout_by_boundary(starts, first, last, length)
+        return self._layout_vectorised(starts, first, last, length)
+
+    def _layout_by_boundary(
+        self, starts: np.ndarray, first: np.ndarray, last: np.ndarray, length: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        segments = np.zeros((len(starts), length), np.int64)
+        positions = np.tile(np.arange(length), (len(starts), 1))  # (R, length)
+        for row in np.flatnonzero(last > first):
+            for offset in self.doc_starts[first[row] : last[row]] - starts[row]:
+                segments[row, offset:] += 1
+                positions[row, offset:] -= positions[row, offset]
+        return positions, segments
+
+    def _layout_vectorised(
+        self, starts: np.ndarray, first: np.ndarray, last: np.ndarray, length: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         counts = last - first  # documents beginning inside each row
         rows = np.repeat(np.arange(len(starts)), counts)
         docs = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(first, counts)

@@ -66,6 +66,23 @@ def test_document_layout_restarts_positions_and_counts_segments(stream: TokenStr
     assert positions[2].tolist() == list(range(12)) and segments[4].tolist() == [0] * 10 + [1] * 2  # doc 4 starts at 160
 
 
+@pytest.mark.parametrize("doc_lengths", [[3] * 80, [1, 2, 40, 1, 1, 90, 5, 60], [300]])
+def test_both_layout_paths_agree(tmp_path: Path, doc_lengths: list[int]) -> None:
+    """The per-boundary loop (few documents per row) and the vectorised pass (many) give the same layout."""
+    stream = make_stream(tmp_path, doc_lengths, shard_tokens=64)
+    starts = np.array([0, 5, 17, stream.total - 30])
+    first = np.searchsorted(stream.doc_starts, starts, side="right")
+    last = np.searchsorted(stream.doc_starts, starts + 24, side="left")
+    loop = stream._layout_by_boundary(starts, first, last, 24)
+    vectorised = stream._layout_vectorised(starts, first, last, 24)
+    assert all((a == b).all() for a, b in zip(loop, vectorised, strict=True))
+    for row, start in enumerate(starts):  # and both match the definition, token by token
+        for t in range(24):
+            begin = max(int(stream.doc_starts[stream.doc_starts <= start + t].max()), int(start))
+            assert loop[0][row, t] == start + t - begin
+            assert loop[1][row, t] == ((stream.doc_starts > start) & (stream.doc_starts <= start + t)).sum()
+
+
 class WithWorker(Dataset):
     """Tags each batch with the DataLoader worker that produced it."""
 
