@@ -94,6 +94,7 @@ class LMDataModule(L.LightningDataModule):
             prepare(self.spec, self.cache_dir, self.label, self.encode_processes, self.progress)
         elif is_remote(self.prepared):
             localize(self.prepared, self.cache_dir)
+        PreparedDataset.open(self.data_dir(), self.verify)  # hash the shards once here, so other ranks need not
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is None:

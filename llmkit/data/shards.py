@@ -127,7 +127,7 @@ def _map(path: Path, dtype: np.dtype, offset: int, count: int) -> np.ndarray:
 
 # ---- manifest -------------------------------------------------------------------------------------
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: ranks may write the same file
     tmp.write_text(json.dumps(payload, indent=2))
     os.replace(tmp, path)
 
@@ -145,16 +145,42 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
+VERIFIED = ".verified.json"  # shards already hashed, by (size, mtime): later start-ups and other ranks skip them
+
+
 def verify_checksums(directory: Path, entries: list[dict[str, Any]]) -> None:
-    """Recompute every shard's SHA-256; a mismatch names the file."""
+    """Check every shard's SHA-256 against the manifest; a mismatch names the file. A shard whose size
+    and modification time match an earlier successful check is not read again (a terabyte of shards is
+    hashed once, not at every start on every rank); any rewrite of the file changes its mtime."""
+    verified = _read_verified(directory)
+    changed = False
     for entry in entries:
         path = directory / entry["file"]
+        stat = path.stat() if path.exists() else None
+        if stat is None:
+            raise ShardError(f"shard {path} is missing; prepare the data again (scripts/prepare_data.py)")
+        stamp = [stat.st_size, stat.st_mtime_ns, entry["sha256"]]
+        if verified.get(entry["file"]) == stamp:
+            continue
         actual = sha256_file(path)
         if actual != entry["sha256"]:
             raise ShardError(
                 f"checksum mismatch for shard {path}: expected {entry['sha256'][:16]}..., found {actual[:16]}...; "
                 "the file is corrupt: delete the dataset directory and prepare the data again"
             )
+        verified[entry["file"]], changed = stamp, True
+    if changed:
+        try:
+            write_json_atomic(directory / VERIFIED, verified)
+        except OSError:  # a read-only dataset directory: verify again next time
+            pass
+
+
+def _read_verified(directory: Path) -> dict[str, Any]:
+    try:
+        return json.loads((directory / VERIFIED).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def data_fingerprint(manifest: dict[str, Any]) -> str:

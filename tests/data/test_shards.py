@@ -100,3 +100,20 @@ def test_interrupted_write_leaves_no_shard(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(KeyboardInterrupt):
         _write(tmp_path, np.arange(10, dtype=np.uint16))
     assert not (tmp_path / "train_00000.bin").exists()
+
+
+def test_verified_shards_are_not_hashed_again_until_they_change(tmp_path: Path, monkeypatch) -> None:
+    path, entry = _write(tmp_path, np.arange(1000, dtype=np.uint16))
+    verify_checksums(tmp_path, [entry])
+
+    def no_hashing(*args, **kwargs):
+        raise AssertionError("hashed again")
+
+    monkeypatch.setattr("llmkit.data.shards.sha256_file", no_hashing)
+    verify_checksums(tmp_path, [entry])  # size and mtime unchanged: trusted
+    monkeypatch.undo()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))  # same size, new mtime
+    with pytest.raises(ShardError, match="checksum mismatch"):
+        verify_checksums(tmp_path, [entry])
