@@ -170,6 +170,7 @@ def _summary(cfg: DictConfig, trainer: L.Trainer, lit: LitLM, wall_s: float) -> 
         **perf,
         "first_step_unix_time": throughput.first_step_unix_time if throughput else None,
         "params": lit.model.num_params(),
+        "data": _data_summary(dm),
         "wall_time_s": wall_s,
         "peak_memory_bytes": _peak_memory(),
         "checkpoint": (checkpoint.best_model_path or checkpoint.last_model_path) if checkpoint else None,
@@ -187,6 +188,19 @@ def _sample(cfg: DictConfig, lit: LitLM, datamodule: L.LightningDataModule) -> s
     generator = torch.Generator(device=lit.device).manual_seed(cfg.seed)
     ids = sample(lit.model, prompt, cfg.sample.max_new_tokens, cfg.sample.temperature, cfg.sample.top_k, generator)
     return tokenizer.decode(ids[0].tolist())
+
+
+def _data_summary(datamodule: L.LightningDataModule) -> dict[str, Any] | None:
+    """Which prepared dataset the run read, so reports can tell runs on different data apart."""
+    dataset = getattr(datamodule, "dataset", None)
+    if dataset is None:
+        return None
+    return {
+        "dataset": str(dataset.directory), "fingerprint": dataset.fingerprint,
+        "tokenizer_fingerprint": dataset.tokenizer.fingerprint, "vocab_size": dataset.tokenizer.vocab_size,
+        "tokens": {split: dataset.tokens(split) for split in ("train", "val", "test")},
+        "samples_consumed": datamodule.samples_consumed(),
+    }
 
 
 def _peak_memory() -> int:

@@ -81,6 +81,9 @@ def test_loss_falls_well_below_unigram_entropy_and_summary_is_complete(tmp_path:
     assert summary["params"] > 0 and summary["wall_time_s"] > 0 and summary["peak_memory_bytes"] > 0
     assert Path(summary["checkpoint"]).exists() and Path(summary["last_checkpoint"]).name == "last.ckpt"
     assert summary["choices"]["model"] == "tiny" and summary["choices"]["trainer"] == "cpu"
+    data = summary["data"]
+    assert data["samples_consumed"] == 100 * 16 and data["tokens"]["train"] == len(split_tokens(cache, "train"))
+    assert Path(data["dataset"]).parent == cache and len(data["fingerprint"]) == 16
     for key in ("train/grad_norm", "train/lr", "perf/tokens_per_s", "perf/mfu", "val/ppl"):
         assert metrics(run_dir, key), f"{key} was not logged"
     assert "---- sample" in result.stdout and str(run_dir) in result.stdout
