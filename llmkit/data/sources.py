@@ -109,8 +109,8 @@ def hf_dataset(
     "<dataset>:<split>:<index>"."""
     if not dataset:
         raise ValueError(
-            "data=hf needs data.dataset=<hub id, a builder such as json/parquet with data.data_files, "
-            "or a save_to_disk directory>"
+            "data=hf needs data.source_options.dataset=<hub id, a builder such as json/parquet with "
+            "data.source_options.data_files, or a save_to_disk directory>"
         )
     rows = _load_hf(dataset, data_files, subset, split, streaming, revision)
     docs = _hf_documents(rows, f"{dataset}:{split}", text_field, id_field)

@@ -293,7 +293,7 @@ def test_hf_save_to_disk_directories(tmp_path: Path, hf_offline) -> None:
 
 
 def test_hf_needs_a_dataset() -> None:
-    with pytest.raises(ValueError, match="data.dataset"):
+    with pytest.raises(ValueError, match="data.source_options.dataset"):
         SOURCES.build("hf", path="unused")
 
 
