@@ -152,3 +152,62 @@ def test_a_local_prepared_directory_and_a_missing_one(jsonl: Path, tmp_path: Pat
     with pytest.raises(FileNotFoundError, match=f"no prepared dataset in {tmp_path / 'nowhere'}.*prepare_data.py"):
         LMDataModule(prepared=str(tmp_path / "nowhere")).setup()
     assert (directory / MANIFEST).exists()
+
+
+def test_a_hugging_face_tokenizer_json_through_the_pipeline(jsonl: Path, tmp_path: Path) -> None:
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_doc(random.Random(i)) for i in range(30)], trainer)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    directory = prepare(_spec(jsonl, tokenizer_path=str(tmp_path / "tokenizer.json")), tmp_path / "out", "web", progress=False)
+    dataset = PreparedDataset.open(directory)
+    assert dataset.tokenizer.kind == "hf_tokenizers" and dataset.manifest["vocab_size"] == 300
+    stream = dataset.stream("web", "train")
+    end = int(stream.doc_starts[1])
+    tokens = stream.read(0, end).tolist()
+    assert tokens[-1] == dataset.tokenizer.eos_id  # documents end with </s>
+    words = dataset.tokenizer.decode(tokens[:-1]).rstrip(".").split()
+    assert len(words) == 120 and set(words) <= set(WORDS)
+
+
+@pytest.mark.slow
+def test_prepare_data_script_all_and_single_stages(tmp_path: Path) -> None:
+    """The command line: stage=all prints the dataset, stages alone write their files in work_dir."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    text = tmp_path / "story.txt"
+    text.write_text("\n\n".join(_doc(random.Random(i), 80) for i in range(30)))
+    common = [f"paths.data_dir={tmp_path / 'cache'}", "data=text", f"data.path={text}", "data.tokenizer=char",
+              "data.progress=false", "hydra.run.dir=."]
+
+    def run(*args: str) -> str:
+        result = subprocess.run([sys.executable, str(root / "scripts" / "prepare_data.py"), *common, *args],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
+
+    out = run()
+    assert "dataset:" in out and "train" in out and "documents in" in out
+    (dataset,) = (tmp_path / "cache").glob("text-char-*")
+    assert (dataset / MANIFEST).exists()
+    for stage in ("clean", "tokenizer", "encode"):
+        assert f"stage {stage} done" in run(f"stage={stage}")
+    work = tmp_path / "cache" / "work" / "text"
+    assert (work / "text" / "clean" / "train.jsonl").exists() and (work / MANIFEST).exists()
+    # the stages alone make the same shards as the chained run
+    shas = [[e["sha256"] for e in json.loads((d / MANIFEST).read_text())["components"]["text"]["splits"]["train"]["shards"]]
+            for d in (dataset, work)]
+    assert shas[0] == shas[1]
+    bad = subprocess.run([sys.executable, str(root / "scripts" / "prepare_data.py"), *common, "stage=tokenise"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "unknown stage 'tokenise'; valid: all, clean, tokenizer, encode" in bad.stderr
