@@ -2,8 +2,9 @@
 
 `localize(url, cache_dir)` copies the manifest, the tokenizer and every shard the manifest lists
 into cache_dir/remote/<hash of url>/, each file under a temporary name and renamed once its
-checksum matches, and returns that directory. Files already cached with the right checksum are
-not fetched again, so a second run (or a second rank on the node) reads only the manifest.
+checksum matches, and returns that directory. Shards already cached with the right checksum are
+not fetched again, and are hashed only once (llmkit/data/shards.py stamps what it verified), so a
+second run, or a second node on a shared cache, reads little more than the manifest.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import fsspec
 
-from llmkit.data.shards import MANIFEST, ShardError, read_manifest, sha256_file
+from llmkit.data.shards import MANIFEST, ShardError, read_manifest, sha256_file, verify_checksums
 
 
 def is_remote(location: str) -> bool:
@@ -31,22 +32,41 @@ def localize(url: str, cache_dir: Path) -> Path:
     local = cache_path(url, cache_dir)
     local.mkdir(parents=True, exist_ok=True)
     remote_manifest = json.loads(fs.cat_file(f"{root}/{MANIFEST}"))
-    tokenizer_dir = remote_manifest["tokenizer_dir"]
-    for path in fs.find(f"{root}/{tokenizer_dir}"):
-        relative = path[len(root.rstrip("/")) + 1 :]
-        _fetch(fs, path, local / relative, expected_sha256=None)
+    changed = _cached_manifest(local) != remote_manifest  # a new version at the same URL: refresh the tokenizer too
+    for path in fs.find(f"{root}/{remote_manifest['tokenizer_dir']}"):
+        target = local / path[len(root.rstrip("/")) + 1 :]
+        if changed or not target.exists():
+            _download(fs, path, target, expected_sha256=None)
     for component in remote_manifest["components"].values():
         for split in component["splits"].values():
             for entry in split["shards"]:
-                _fetch(fs, f"{root}/{entry['file']}", local / entry["file"], entry["sha256"])
+                if not _cached(local, entry):
+                    _download(fs, f"{root}/{entry['file']}", local / entry["file"], entry["sha256"])
     _write_bytes(local / MANIFEST, json.dumps(remote_manifest, indent=2).encode())  # last: the copy is complete
     read_manifest(local)  # fails now, not at training time, if the copy is not a dataset
     return local
 
 
-def _fetch(fs: fsspec.AbstractFileSystem, remote: str, local: Path, expected_sha256: str | None) -> None:
-    if local.exists() and (expected_sha256 is None or sha256_file(local) == expected_sha256):
-        return
+def _cached_manifest(local: Path) -> dict | None:
+    try:
+        return json.loads((local / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _cached(local: Path, entry: dict) -> bool:
+    """A cached shard of the right size whose checksum matches (checked once, then stamped)."""
+    path = local / entry["file"]
+    if not path.exists() or path.stat().st_size != entry["bytes"]:
+        return False
+    try:
+        verify_checksums(local, [entry])
+    except ShardError:
+        return False  # a damaged cached copy is fetched again
+    return True
+
+
+def _download(fs: fsspec.AbstractFileSystem, remote: str, local: Path, expected_sha256: str | None) -> None:
     local.parent.mkdir(parents=True, exist_ok=True)
     tmp = local.with_name(f".{local.name}.{os.getpid()}.part")
     fs.get_file(remote, str(tmp))

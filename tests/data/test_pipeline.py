@@ -134,6 +134,13 @@ def test_a_dataset_at_an_fsspec_url_is_cached_locally(jsonl: Path, tmp_path: Pat
     LMDataModule(prepared=url, cache_dir=str(tmp_path / "cache")).prepare_data()
     assert fetched == []  # cached files with the right checksum are not fetched again
 
+    cached = dm.data_dir() / "web" / "train_00000.bin"
+    damaged = bytearray(cached.read_bytes())
+    damaged[-1] ^= 0xFF
+    cached.write_bytes(bytes(damaged))  # a damaged cached copy is fetched again, not trusted
+    LMDataModule(prepared=url, cache_dir=str(tmp_path / "cache")).prepare_data()
+    assert fetched == ["/bucket/ds/web/train_00000.bin"] and cached.read_bytes() != bytes(damaged)
+
     shard = "/bucket/ds/web/train_00000.bin"
     data = bytearray(fs.cat_file(shard))
     data[-1] ^= 0xFF
