@@ -268,6 +268,27 @@ def failures_text(runs: list[Run]) -> list[str]:
     return lines + [""]
 
 
+def data_text(runs: list[Run]) -> list[str]:
+    """Which data the runs read (summary.json "data"): one line when they agree, a warning when they do not,
+    since a sweep over model choices means nothing across different datasets."""
+    readers: dict[str, list[Run]] = {}
+    names: dict[str, str] = {}
+    for r in runs:
+        data = r.summary.get("data") or {}
+        if data.get("fingerprint"):
+            readers.setdefault(data["fingerprint"], []).append(r)
+            names[data["fingerprint"]] = Path(data.get("dataset", "")).name
+    if not readers:
+        return []
+    if len(readers) == 1:
+        (only,) = readers
+        return [f"All runs read the same data: `{names[only]}` (fingerprint `{only}`).", ""]
+    warning = f"**The runs read {len(readers)} different datasets**: compare them only if the sweep varies the data."
+    lines = ["## Data", "", warning, ""]
+    lines += [f"- `{names[fp]}` (fingerprint `{fp}`): {', '.join(r.path.name for r in rs)}" for fp, rs in readers.items()]
+    return lines + [""]
+
+
 def write_report(root: Path, out: Path, title: str | None = None, note: str | None = None) -> dict[str, Any]:
     runs = find_runs(root)
     if not runs:
@@ -287,6 +308,7 @@ def write_report(root: Path, out: Path, title: str | None = None, note: str | No
         + (f"; git commit {', '.join(c[:10] for c in commits)}." if commits else "."), "",
     ]
     intro += [note, ""] if note else []
+    intro += data_text(runs)
     md = intro + [markdown_table(header, rows), "", "## Differences vs seed-to-seed spread", ""] + significance_text(points)
     md += [""] + failures_text(runs)
     if has_plot:

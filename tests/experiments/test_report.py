@@ -118,3 +118,22 @@ def test_wandb_report_groups_the_sweep_by_its_swept_keys_without_publishing() ->
     (runset,) = rep.blocks[1].runsets
     assert runset.groupby == ["config.choices.model/attention", "config.optim.lr"]
     assert runset.filters == "Metric('Group') == 'multirun/ablation-attention/t'"
+
+
+def _set_data(run: Path, fingerprint: str) -> None:
+    summary = json.loads((run / "summary.json").read_text())
+    summary["data"] = {"dataset": f"/cache/text-bpe-{fingerprint}", "fingerprint": fingerprint}
+    (run / "summary.json").write_text(json.dumps(summary))
+
+
+def test_report_names_the_data_and_warns_when_runs_read_different_data(sweep: Path, tmp_path: Path) -> None:
+    runs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    for run in runs:
+        _set_data(run, "aaaa")
+    report.write_report(sweep, tmp_path / "same")
+    md = (tmp_path / "same" / "report.md").read_text()
+    assert "All runs read the same data: `text-bpe-aaaa` (fingerprint `aaaa`)." in md and "different datasets" not in md
+    _set_data(runs[-1], "bbbb")
+    report.write_report(sweep, tmp_path / "mixed")
+    md = (tmp_path / "mixed" / "report.md").read_text()
+    assert "**The runs read 2 different datasets**" in md and f"(fingerprint `bbbb`): {runs[-1].name}" in md
