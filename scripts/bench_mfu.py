@@ -1,0 +1,83 @@
+"""Benchmark: MFU of one model under several training set-ups, side by side (for a GPU session).
+
+Each variant is one `python train.py` run of --steps steps on the same model and data; the table
+prints the steady-state step time, tokens/s, MFU (from summary.json: 6 x matmul parameters + attention
+FLOPs per token against trainer.peak_flops_per_device) and peak memory, and each variant's MFU ratio
+against the first. Validation is one small pass at the end so it does not dilute the figures.
+
+  python scripts/bench_mfu.py                         # gqa_rope at ~360M params on one GPU (issue: >= 45% MFU on an H100)
+  python scripts/bench_mfu.py --only baseline,batch16 --steps 80
+  python scripts/bench_mfu.py --smoke                 # the same flow on the CPU with a tiny model (for tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# ~360M parameters: d1024 x 32 layers, 16 heads sharing 4 key/value heads, context 2048
+MODEL = ["model=gqa_rope", "model.d_model=1024", "model.n_layers=32", "model.n_heads=16", "data.seq_len=2048"]
+VARIANTS = {
+    "baseline": ["trainer=gpu", "compile=true", "data.batch_size=8"],
+    "batch16": ["trainer=gpu", "compile=true", "data.batch_size=16"],
+    "batch16_selective_ac": ["trainer=gpu", "compile=true", "data.batch_size=16", "activation_checkpointing=selective"],
+    "fsdp_1gpu": ["trainer=fsdp_8gpu", "trainer.devices=1", "compile=true", "data.batch_size=8"],
+}
+SMOKE_MODEL = ["model=tiny", "data.seq_len=32", "data.max_bytes=200000", "data.tokenizer=char", "data.split=tail"]
+SMOKE_VARIANTS = {"baseline": ["trainer=cpu", "data.batch_size=4"], "batch8": ["trainer=cpu", "data.batch_size=8"]}
+
+
+def run_variant(name: str, overrides: list[str], steps: int, out: Path, cache: Path) -> dict:
+    run_dir = out / name
+    cmd = [
+        sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", f"trainer.max_steps={steps}",
+        f"trainer.val_check_interval={steps}", "data.val_windows=8", "trainer.enable_progress_bar=false",
+        "data.progress=false", "sample.max_new_tokens=1", *overrides,
+    ]
+    env = {**os.environ, "LLMKIT_DATA_DIR": str(cache)}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        return {"name": name, "error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"}
+    return {"name": name, **json.loads((run_dir / "summary.json").read_text())}
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'variant':24s} {'ms/step':>9} {'tokens/s':>11} {'MFU':>7} {'vs first':>9} {'peak GB':>8}")
+    first = next((r.get("mfu") for r in rows if r.get("mfu")), None)
+    for r in rows:
+        if "error" in r:
+            print(f"{r['name']:24s} failed: {r['error'][:90]}")
+            continue
+        ratio = f"{r['mfu'] / first:8.2f}x" if first and r.get("mfu") else f"{'':>9}"
+        print(f"{r['name']:24s} {r['median_step_ms']:9.1f} {r['tokens_per_s']:11,.0f} {100 * r['mfu']:6.1f}% {ratio} "
+              f"{r['peak_memory_bytes'] / 1e9:8.1f}")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--only", default="", help="comma-separated variant names")
+    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the flow, not the GPU")
+    args = parser.parse_args(argv)
+    model, variants = (SMOKE_MODEL, SMOKE_VARIANTS) if args.smoke else (MODEL, VARIANTS)
+    chosen = [v for v in args.only.split(",") if v] or list(variants)
+    unknown = sorted(set(chosen) - set(variants))
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; valid: {', '.join(variants)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        rows = [run_variant(name, model + variants[name], args.steps, out, out / "cache") for name in chosen]
+    print(f"{' '.join(model)}, {args.steps} steps per variant")
+    print_table(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
