@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from llmkit.data.datasets import ResumableBatchSampler
@@ -65,6 +66,11 @@ class LMDataModule(L.LightningDataModule):
         super().__init__()
         if sampling not in SAMPLINGS:
             raise ValueError(f"unknown data.sampling '{sampling}'; valid: {', '.join(SAMPLINGS)}")
+        # Hydra hands nested config values over as DictConfig/ListConfig; the spec is plain data (it is
+        # written into the manifest as JSON and fingerprinted).
+        path, source_options, mixture, clean, tokenizer_options = map(
+            _plain, (path, source_options, mixture, clean, tokenizer_options)
+        )
         self.label = name or (source if not mixture else "mixture")
         self.spec = DataSpec(
             components=_components(self.label, source, path, max_bytes, source_options, mixture), clean=dict(clean or {}),
@@ -191,6 +197,10 @@ class LMDataModule(L.LightningDataModule):
                 f"than this run's ({where}, data fingerprint {self.dataset.fingerprint}), so its data position means "
                 "nothing here; resume with the same data settings, or start a new run from the checkpoint's weights"
             )
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
 def _check_tokenizer(dataset: PreparedDataset, tokenizer_path: str) -> None:

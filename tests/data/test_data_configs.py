@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ def test_data_option_composes_and_instantiates(option: str, tmp_path: Path) -> N
     datamodule = instantiate(cfg.data)
     assert isinstance(datamodule, LMDataModule)
     assert datamodule.spec.components and datamodule.data_dir().parent == tmp_path
+    json.dumps(asdict(datamodule.spec))  # plain data, as the manifest stores it (no DictConfig inside)
 
 
 def test_every_option_is_covered() -> None:
