@@ -35,9 +35,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from llmkit.data import LMDataModule  # noqa: E402
-from llmkit.data.datasets import ResumableBatchSampler  # noqa: E402
 from llmkit.data.encode import ShardWriter  # noqa: E402
-from llmkit.data.streaming import Mixture, PackedSequences, RandomWindows, TokenStream, TrainBatches  # noqa: E402
+from llmkit.data.streaming import (  # noqa: E402
+    EndlessBatchIndices,
+    Mixture,
+    PackedSequences,
+    RandomWindows,
+    TokenStream,
+    TrainBatches,
+)
 from llmkit.lit.module import LitLM  # noqa: E402
 
 GOAL_TOKENS_PER_S = 20e6
@@ -58,7 +64,7 @@ def synthetic_stream(directory: Path, tokens: int, seed: int) -> TokenStream:
 
 
 def loader_tokens_per_s(batches: TrainBatches, seconds: float = 3.0) -> float:
-    loader = DataLoader(batches, batch_size=None, sampler=ResumableBatchSampler(), num_workers=0)
+    loader = DataLoader(batches, batch_size=None, sampler=EndlessBatchIndices(), num_workers=0)
     tokens, start = 0, time.perf_counter()
     for batch in loader:
         tokens += batch[0].numel()

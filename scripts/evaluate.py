@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from llmkit.checkpoint import load_checkpoint
@@ -58,8 +57,7 @@ def load_ids(args: dict[str, Any], tokenizer: Any) -> torch.Tensor:
     dataset = PreparedDataset.open(Path(args["data"]).expanduser())
     if tokenizer is not None and dataset.tokenizer.fingerprint != tokenizer.fingerprint:
         raise SystemExit(f"{args['data']} was tokenized with another tokenizer than the checkpoint's")
-    streams = [dataset.stream(c, args["split"]) for c in dataset.components]
-    return torch.from_numpy(np.concatenate([s.read(0, s.total) for s in streams]))
+    return torch.from_numpy(dataset.split_tokens(args["split"]))
 
 
 def main(argv: list[str]) -> dict[str, Any]:

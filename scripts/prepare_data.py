@@ -35,7 +35,7 @@ def main(cfg: DictConfig) -> None:
     start = time.perf_counter()
     if cfg.stage == "all":
         datamodule.prepare_data()
-        describe(PreparedDataset.open(datamodule.data_dir()), time.perf_counter() - start)
+        describe(datamodule.dataset, time.perf_counter() - start)
         return
     work = Path(cfg.work_dir) / datamodule.label
     spec = datamodule.spec

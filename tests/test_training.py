@@ -46,9 +46,7 @@ def metrics(run_dir: Path, key: str) -> dict[int, float]:
 def split_tokens(cache: Path, split: str) -> np.ndarray:
     """Every token of one split of the single prepared dataset in cache, in order."""
     (directory,) = [d for d in cache.iterdir() if d.is_dir() and not d.name.startswith(".")]
-    dataset = PreparedDataset.open(directory)
-    streams = [dataset.stream(c, split) for c in dataset.components]
-    return np.concatenate([s.read(0, s.total) for s in streams])
+    return PreparedDataset.open(directory).split_tokens(split)
 
 
 def unigram_entropy(cache: Path) -> float:

@@ -11,11 +11,8 @@ streamed over several shards dedups across all of them (and its report adds them
 from __future__ import annotations
 
 import functools
-import json
-import os
 import re
 import sys
-import tempfile
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -24,6 +21,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 from llmkit.data.dedup import ExactDuplicateFilter, NearDuplicateFilter
+from llmkit.data.files import write_json_atomic
 from llmkit.data.sources import Document
 
 NORMAL_FORMS = ("NFC", "NFKC", "NFD", "NFKD")
@@ -68,17 +66,9 @@ class CleaningReport:
         }
 
     def write(self, path: Path) -> None:
-        """JSON, written to a temporary file beside `path` then renamed, so readers never see half a report."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_dict(), f, indent=2, ensure_ascii=False)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """JSON, written atomically: readers never see half a report."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(path), self.to_dict())
 
     def summary(self) -> str:
         kept = self.documents_out / self.documents_in if self.documents_in else 1.0

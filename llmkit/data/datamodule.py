@@ -18,12 +18,18 @@ import lightning as L
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from llmkit.data.datasets import ResumableBatchSampler
 from llmkit.data.pipeline import DataSpec, dataset_dir, prepare
 from llmkit.data.prepared import PreparedDataset
 from llmkit.data.remote import cache_path, is_remote, localize
 from llmkit.data.shards import ShardError
-from llmkit.data.streaming import Mixture, PackedSequences, RandomWindows, TrainBatches, ValidationWindows
+from llmkit.data.streaming import (
+    EndlessBatchIndices,
+    Mixture,
+    PackedSequences,
+    RandomWindows,
+    TrainBatches,
+    ValidationWindows,
+)
 from llmkit.data.tokenizer import Tokenizer
 
 SAMPLINGS = ("epoch", "random")
@@ -84,30 +90,38 @@ class LMDataModule(L.LightningDataModule):
         self.val_windows, self.num_workers = val_windows, num_workers
         self.cache_dir, self.seed = Path(cache_dir), seed
         self.dataset: PreparedDataset | None = None
+        self._data_dir: Path | None = None
         self._start_sample, self._start_step = 0, 0
 
     # ---- preparation -------------------------------------------------------------------------
     def data_dir(self) -> Path:
-        """Where this run's prepared dataset is (or will be) on this machine."""
-        if self.prepared is None:
-            return dataset_dir(self.spec, self.cache_dir, self.label)
-        if is_remote(self.prepared):
-            return cache_path(self.prepared, self.cache_dir)
-        return Path(self.prepared.removeprefix("file://")).expanduser()
+        """Where this run's prepared dataset is (or will be) on this machine; computed once, since the
+        fingerprint behind it stats every source file."""
+        if self._data_dir is None:
+            if self.prepared is None:
+                self._data_dir = dataset_dir(self.spec, self.cache_dir, self.label)
+            elif is_remote(self.prepared):
+                self._data_dir = cache_path(self.prepared, self.cache_dir)
+            else:
+                self._data_dir = Path(self.prepared.removeprefix("file://")).expanduser()
+        return self._data_dir
 
     def prepare_data(self) -> None:
         if self.prepared is None:
-            prepare(self.spec, self.cache_dir, self.label, self.encode_processes, self.progress)
+            prepare(self.spec, self.cache_dir, self.label, self.encode_processes, self.progress, out=self.data_dir())
         elif is_remote(self.prepared):
             localize(self.prepared, self.cache_dir)
-        PreparedDataset.open(self.data_dir(), self.verify)  # hash the shards once here, so other ranks need not
+        self.dataset = self._open()  # shards are hashed once here (and stamped), so the other ranks need not
 
     def setup(self, stage: str | None = None) -> None:
-        if self.dataset is None:
-            dataset = PreparedDataset.open(self.data_dir(), self.verify)
-            if self.prepared is not None and self.spec.tokenizer_path:
-                _check_tokenizer(dataset, self.spec.tokenizer_path)
-            self.dataset = dataset
+        if self.dataset is None:  # every rank; on the one that ran prepare_data it is already open
+            self.dataset = self._open()
+
+    def _open(self) -> PreparedDataset:
+        dataset = PreparedDataset.open(self.data_dir(), self.verify)
+        if self.prepared is not None and self.spec.tokenizer_path:
+            _check_tokenizer(dataset, self.spec.tokenizer_path)
+        return dataset
 
     # ---- what the model needs to know ------------------------------------------------------------
     @property
@@ -140,7 +154,7 @@ class LMDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_and_world()
         return DataLoader(
-            self.train_batches(rank, world), batch_size=None, sampler=ResumableBatchSampler(),
+            self.train_batches(rank, world), batch_size=None, sampler=EndlessBatchIndices(),
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
         )
 

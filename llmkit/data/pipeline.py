@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 from llmkit.data.cleaning import Cleaner
 from llmkit.data.encode import ShardWriter, encode_to_shards
-from llmkit.data.shards import MANIFEST, MANIFEST_FORMAT, VERSION, token_dtype, write_json_atomic
+from llmkit.data.files import write_json_atomic
+from llmkit.data.shards import MANIFEST, MANIFEST_FORMAT, VERSION, token_dtype
 from llmkit.data.sources import SOURCES, Document
 from llmkit.data.splits import SPLITS, assign_splits
 from llmkit.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
@@ -208,9 +209,12 @@ def dataset_dir(spec: DataSpec, root: Path, label: str) -> Path:
     return root / f"{label}-{spec.tokenizer if not spec.tokenizer_path else 'pretrained'}-{spec.fingerprint()}"
 
 
-def prepare(spec: DataSpec, root: Path, label: str = "data", processes: int = 1, progress: bool = True) -> Path:
-    """Run every stage unless the dataset is already there; returns its directory."""
-    out = dataset_dir(spec, root, label)
+def prepare(
+    spec: DataSpec, root: Path, label: str = "data", processes: int = 1, progress: bool = True, out: Path | None = None
+) -> Path:
+    """Run every stage unless the dataset is already there; returns its directory (`out`, when the
+    caller has already computed dataset_dir: fingerprinting globs and stats every source file)."""
+    out = out or dataset_dir(spec, root, label)
     if (out / MANIFEST).exists():
         return out
     root.mkdir(parents=True, exist_ok=True)

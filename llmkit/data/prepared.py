@@ -57,5 +57,10 @@ class PreparedDataset:
         dtype = np.dtype(DTYPES[self.manifest["dtype"]])
         return TokenStream([self.directory / e["file"] for e in entries], entries, dtype)
 
+    def split_tokens(self, split: str) -> np.ndarray:
+        """Every token of one split, component after component, as int64 (for evaluation, not training)."""
+        streams = [self.stream(c, split) for c in self.components]
+        return np.concatenate([s.read(0, s.total) for s in streams] or [np.zeros(0, np.int64)])
+
     def tokens(self, split: str) -> int:
         return sum(self.manifest["components"][c]["splits"].get(split, {"tokens": 0})["tokens"] for c in self.components)

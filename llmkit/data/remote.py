@@ -16,7 +16,8 @@ from pathlib import Path
 
 import fsspec
 
-from llmkit.data.shards import MANIFEST, ShardError, read_manifest, sha256_file, verify_checksums
+from llmkit.data.files import sha256_file, write_json_atomic
+from llmkit.data.shards import MANIFEST, ShardError, failed_checksums, read_manifest
 
 
 def is_remote(location: str) -> bool:
@@ -37,12 +38,10 @@ def localize(url: str, cache_dir: Path) -> Path:
         target = local / path[len(root.rstrip("/")) + 1 :]
         if changed or not target.exists():
             _download(fs, path, target, expected_sha256=None)
-    for component in remote_manifest["components"].values():
-        for split in component["splits"].values():
-            for entry in split["shards"]:
-                if not _cached(local, entry):
-                    _download(fs, f"{root}/{entry['file']}", local / entry["file"], entry["sha256"])
-    _write_bytes(local / MANIFEST, json.dumps(remote_manifest, indent=2).encode())  # last: the copy is complete
+    entries = [e for c in remote_manifest["components"].values() for split in c["splits"].values() for e in split["shards"]]
+    for entry, _ in failed_checksums(local, entries):  # missing or damaged here: fetch (again)
+        _download(fs, f"{root}/{entry['file']}", local / entry["file"], entry["sha256"])
+    write_json_atomic(local / MANIFEST, remote_manifest)  # last: the copy is complete
     read_manifest(local)  # fails now, not at training time, if the copy is not a dataset
     return local
 
@@ -54,18 +53,6 @@ def _cached_manifest(local: Path) -> dict | None:
         return None
 
 
-def _cached(local: Path, entry: dict) -> bool:
-    """A cached shard of the right size whose checksum matches (checked once, then stamped)."""
-    path = local / entry["file"]
-    if not path.exists() or path.stat().st_size != entry["bytes"]:
-        return False
-    try:
-        verify_checksums(local, [entry])
-    except ShardError:
-        return False  # a damaged cached copy is fetched again
-    return True
-
-
 def _download(fs: fsspec.AbstractFileSystem, remote: str, local: Path, expected_sha256: str | None) -> None:
     local.parent.mkdir(parents=True, exist_ok=True)
     tmp = local.with_name(f".{local.name}.{os.getpid()}.part")
@@ -74,9 +61,3 @@ def _download(fs: fsspec.AbstractFileSystem, remote: str, local: Path, expected_
         tmp.unlink()
         raise ShardError(f"checksum mismatch for {remote} after download: the remote shard is corrupt")
     os.replace(tmp, local)
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from llmkit.data.files import sha256_file, write_json_atomic
+
 MAGIC = b"LLMKSHRD"
 VERSION = 1
 HEADER = struct.Struct("<8sIIQQ")  # magic, version, itemsize, tokens, document starts
@@ -54,14 +56,6 @@ def token_dtype(vocab_size: int, requested: str = "auto") -> np.dtype:
             f"{np.iinfo(dtype).max + 1} ids); set data.dtype=uint32 or data.dtype=auto"
         )
     return dtype
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_shard(path: Path, tokens: np.ndarray, doc_starts: np.ndarray) -> dict[str, Any]:
@@ -126,12 +120,6 @@ def _map(path: Path, dtype: np.dtype, offset: int, count: int) -> np.ndarray:
 
 
 # ---- manifest -------------------------------------------------------------------------------------
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: ranks may write the same file
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
-
-
 def read_manifest(directory: Path) -> dict[str, Any]:
     path = directory / MANIFEST
     if not path.exists():
@@ -149,31 +137,47 @@ VERIFIED = ".verified.json"  # shards already hashed, by (size, mtime): later st
 
 
 def verify_checksums(directory: Path, entries: list[dict[str, Any]]) -> None:
-    """Check every shard's SHA-256 against the manifest; a mismatch names the file. A shard whose size
-    and modification time match an earlier successful check is not read again (a terabyte of shards is
-    hashed once, not at every start on every rank); any rewrite of the file changes its mtime."""
+    """Check every shard's SHA-256 against the manifest; the first mismatch or missing file is named."""
+    for entry, actual in failed_checksums(directory, entries):
+        path = directory / entry["file"]
+        if actual is None:
+            raise ShardError(f"shard {path} is missing; prepare the data again (scripts/prepare_data.py)")
+        found = f"{actual[:16]}..." if len(actual) == 64 else actual
+        raise ShardError(
+            f"checksum mismatch for shard {path}: expected {entry['sha256'][:16]}..., found {found}; "
+            "the file is corrupt: delete the dataset directory and prepare the data again"
+        )
+
+
+def failed_checksums(directory: Path, entries: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str | None]]:
+    """(entry, actual SHA-256 or None when missing) for every shard that does not match the manifest.
+
+    A shard whose size and modification time match an earlier successful check is not read again (a
+    terabyte of shards is hashed once, not at every start on every rank; any rewrite changes the mtime),
+    and one of the wrong size is not hashed at all. The stamp file is read and written once per call."""
     verified = _read_verified(directory)
+    failed: list[tuple[dict[str, Any], str | None]] = []
     changed = False
     for entry in entries:
         path = directory / entry["file"]
         stat = path.stat() if path.exists() else None
         if stat is None:
-            raise ShardError(f"shard {path} is missing; prepare the data again (scripts/prepare_data.py)")
+            failed.append((entry, None))
+            continue
         stamp = [stat.st_size, stat.st_mtime_ns, entry["sha256"]]
         if verified.get(entry["file"]) == stamp:
             continue
-        actual = sha256_file(path)
+        actual = sha256_file(path) if stat.st_size == entry["bytes"] else f"{stat.st_size} bytes, not {entry['bytes']}"
         if actual != entry["sha256"]:
-            raise ShardError(
-                f"checksum mismatch for shard {path}: expected {entry['sha256'][:16]}..., found {actual[:16]}...; "
-                "the file is corrupt: delete the dataset directory and prepare the data again"
-            )
+            failed.append((entry, actual))
+            continue
         verified[entry["file"]], changed = stamp, True
     if changed:
         try:
             write_json_atomic(directory / VERIFIED, verified)
         except OSError:  # a read-only dataset directory: verify again next time
             pass
+    return failed
 
 
 def _read_verified(directory: Path) -> dict[str, Any]:

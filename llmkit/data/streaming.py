@@ -19,13 +19,14 @@ Sample j maps to tokens in two steps:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from llmkit.data.shards import Shard
 
@@ -228,6 +229,14 @@ def _largest_remainder(fractions: np.ndarray, total: int) -> np.ndarray:
     short = total - int(counts.sum())
     counts[np.argsort(-(exact - counts), kind="stable")[:short]] += 1
     return counts
+
+
+class EndlessBatchIndices(Sampler[int]):
+    """Batch indices 0, 1, 2, ... without end: training length is counted in optimizer steps
+    (trainer.max_steps), so there are no epochs to restart; a resume moves TrainBatches' first sample."""
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.count()
 
 
 class TrainBatches(Dataset):

@@ -16,6 +16,7 @@ from llmkit.data.pipeline import DataSpec, clean_stage, encode_stage, prepare, t
 from llmkit.data.prepared import PreparedDataset
 from llmkit.data.shards import MANIFEST, ShardError
 from llmkit.data.tokenizer import train_tokenizer
+from tests.data.helpers import byte_level_bpe_json
 
 WORDS = "alpha beta gamma delta epsilon zeta theta iota kappa lambda sigma omega river stone cloud".split()
 
@@ -162,18 +163,7 @@ def test_a_local_prepared_directory_and_a_missing_one(jsonl: Path, tmp_path: Pat
 
 
 def test_a_hugging_face_tokenizer_json_through_the_pipeline(jsonl: Path, tmp_path: Path) -> None:
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([_doc(random.Random(i)) for i in range(30)], trainer)
-    tok.save(str(tmp_path / "tokenizer.json"))
+    byte_level_bpe_json([_doc(random.Random(i)) for i in range(30)], 300, tmp_path / "tokenizer.json")
     directory = prepare(_spec(jsonl, tokenizer_path=str(tmp_path / "tokenizer.json")), tmp_path / "out", "web", progress=False)
     dataset = PreparedDataset.open(directory)
     assert dataset.tokenizer.kind == "hf_tokenizers" and dataset.manifest["vocab_size"] == 300

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from llmkit.data.datasets import ResumableBatchSampler
 from llmkit.data.encode import ShardWriter
 from llmkit.data.streaming import (
+    EndlessBatchIndices,
     Mixture,
     PackedSequences,
     RandomWindows,
@@ -98,7 +98,7 @@ def _read_by_rank_and_worker(stream: TokenStream, world: int, workers: int, step
     seen: dict[tuple[int, int], list] = {}
     for rank in range(world):
         batches = TrainBatches([PackedSequences(stream, T, seed=3)], Mixture([1.0], 3), B, rank, world)
-        loader = DataLoader(WithWorker(batches), batch_size=None, sampler=ResumableBatchSampler(), num_workers=workers)
+        loader = DataLoader(WithWorker(batches), batch_size=None, sampler=EndlessBatchIndices(), num_workers=workers)
         for step, (k, worker, x) in zip(range(steps), loader, strict=False):
             assert k == step
             seen.setdefault((rank, worker), []).append(x)
@@ -132,7 +132,7 @@ def test_worker_count_does_not_change_batches(stream: TokenStream) -> None:
     batches = TrainBatches([PackedSequences(stream, T, seed=1)], Mixture([1.0], 1), B)
 
     def first(workers: int) -> list[torch.Tensor]:
-        loader = DataLoader(batches, batch_size=None, sampler=ResumableBatchSampler(), num_workers=workers)
+        loader = DataLoader(batches, batch_size=None, sampler=EndlessBatchIndices(), num_workers=workers)
         return [x for _, (x, _) in zip(range(6), loader, strict=False)]
 
     for a, b in zip(first(0), first(2), strict=True):

@@ -19,6 +19,7 @@ from llmkit.data.tokenizer import (
     tokenizer_from_state,
     train_tokenizer,
 )
+from tests.data.helpers import byte_level_bpe_json
 
 VOCAB = 400
 SP_KINDS = ["bpe", "unigram"]
@@ -258,20 +259,7 @@ HF_TEXTS = ["the quick brown fox jumps over the lazy dog", "def f(x):\n    retur
 @pytest.fixture(scope="module")
 def hf_json(tmp_path_factory) -> Path:
     """A tiny byte-level BPE built with the tokenizers library (exact round trips, like GPT-2's)."""
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<s>", "</s>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(HF_TEXTS, trainer)
-    path = tmp_path_factory.mktemp("hf") / "tokenizer.json"
-    tok.save(str(path))
-    return path
+    return byte_level_bpe_json(HF_TEXTS, 320, tmp_path_factory.mktemp("hf") / "tokenizer.json")
 
 
 def test_hf_tokenizer_json_loads_and_round_trips(hf_json: Path) -> None:
