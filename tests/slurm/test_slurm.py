@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from llmkit.checkpoint import consolidate
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [
     "data.max_bytes=20000", "data.split=tail", "data.tokenizer=char", "data.seq_len=64",
@@ -60,28 +62,70 @@ def test_sbatch_srun_fsdp_on_two_cpu_processes_trains_and_writes_a_sharded_check
     assert (last / ".metadata").exists() and len(list(last.glob("*.distcp"))) == 2
 
 
-def test_preemption_signal_checkpoints_requeues_and_ends_like_an_uninterrupted_run(tmp_path: Path) -> None:
-    steps = ["trainer=cpu", "trainer.max_steps=200", "trainer.val_check_interval=100", "+logger.csv.flush_logs_every_n_steps=5"]
-    job = sbatch(tmp_path, 1, *steps)
-    metrics = tmp_path / "run" / "csv" / "metrics.csv"
-    wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) > 40, 120, "40 logged steps")
-    subprocess.run(["scancel", "--signal=USR1", job], check=True)  # what SLURM sends before a time limit
-    preempted = tmp_path / "run" / "checkpoints" / "preempted.ckpt"
+def preempt_and_requeue(job: str, tmp: Path, after_lines: int) -> Path:
+    """Send the signal SLURM sends before a time limit to every task once `after_lines` steps are
+    logged, check the job checkpoints and goes back to the queue, then let it start again."""
+    metrics = tmp / "run" / "csv" / "metrics.csv"
+    wait_until(lambda: metrics.exists() and len(metrics.read_text().splitlines()) > after_lines, 180, "logged steps")
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)  # to the job step's tasks: every rank
+    preempted = tmp / "run" / "checkpoints" / "preempted.ckpt"
     wait_until(preempted.exists, 60, "the preemption checkpoint")
     wait_until(lambda: job_state(job) == "PENDING", 60, "the requeue")
     # SLURM holds a requeued job for 2 minutes (its BeginTime); let it start now
     subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)
-    wait_done(job, tmp_path)
-    assert "Restored all states from the checkpoint" in (tmp_path / f"slurm-{job}.out").read_text()
+    wait_done(job, tmp)
+    assert "Restored all states from the checkpoint" in (tmp / f"slurm-{job}.out").read_text()
+    return preempted
+
+
+def reference_run(tmp: Path, *overrides: str) -> Path:
+    """The same run, uninterrupted and outside SLURM."""
+    reference = tmp / "reference"
+    env = {**os.environ, "LLMKIT_DATA_DIR": str(tmp / "cache"), "OMP_NUM_THREADS": "1"}  # as in the job
+    for name in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID"):  # in case pytest itself runs inside a job
+        env.pop(name, None)
+    cmd = [sys.executable, "train.py", f"hydra.run.dir={reference}", *TINY, *overrides]
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=400)
+    return reference / "checkpoints" / "last.ckpt"
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a["global_step"] == b["global_step"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for name, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, b["state_dict"][name]), name
+
+
+def test_preemption_signal_checkpoints_requeues_and_ends_like_an_uninterrupted_run(tmp_path: Path) -> None:
+    steps = ["trainer=cpu", "trainer.max_steps=200", "trainer.val_check_interval=100", "+logger.csv.flush_logs_every_n_steps=5"]
+    job = sbatch(tmp_path, 1, *steps)
+    preempted = preempt_and_requeue(job, tmp_path, after_lines=40)
     step_at_signal = torch.load(preempted, weights_only=True)["global_step"]
     assert 0 < step_at_signal < 200
 
-    reference = tmp_path / "reference"
-    env = {**os.environ, "LLMKIT_DATA_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}  # as in the job
-    cmd = [sys.executable, "train.py", f"hydra.run.dir={reference}", *TINY, *steps]
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
-    a = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)
+    a = torch.load(reference_run(tmp_path, *steps), weights_only=True)
     b = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert a["global_step"] == b["global_step"] == 200
-    for name, tensor in a["state_dict"].items():
-        assert torch.equal(tensor, b["state_dict"][name]), name
+    assert a["global_step"] == 200
+    assert_same_weights(a, b)
+
+
+def test_preempted_two_rank_fsdp_job_resumes_its_sharded_checkpoint_exactly(tmp_path: Path) -> None:
+    """The multi-rank case: both ranks get the signal, agree on the step, write one sharded
+    checkpoint; the requeued job's two ranks load it and end with an uninterrupted run's weights."""
+    steps = ["trainer=fsdp_cpu", "trainer.max_steps=120", "trainer.val_check_interval=60",
+             "+logger.csv.flush_logs_every_n_steps=5"]
+    job = sbatch(tmp_path, 2, *steps)
+    preempted = preempt_and_requeue(job, tmp_path, after_lines=30)
+    assert preempted.is_dir() and len(list(preempted.glob("*.distcp"))) == 2, "one shard per rank"
+    step_at_signal = torch.load(preempted / "meta.pt", weights_only=True)["global_step"]
+    assert 0 < step_at_signal < 120
+    log = (tmp_path / f"slurm-{job}.out").read_text()
+    assert log.count("[llmkit] job") == 2, "the batch script ran twice: before and after the requeue"
+
+    reference = reference_run(tmp_path, *steps)
+    a = torch.load(consolidate(reference, tmp_path / "reference.ckpt"), weights_only=True)
+    b = torch.load(consolidate(tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "run.ckpt"), weights_only=True)
+    assert a["global_step"] == 120
+    assert_same_weights(a, b)
+    # the resumed ranks read the data where the preempted ones stopped
+    assert a["LMDataModule"]["samples_consumed"] == b["LMDataModule"]["samples_consumed"]
