@@ -199,6 +199,19 @@ def test_two_process_fsdp_rehearsal_on_cpu_writes_a_sharded_checkpoint(tmp_path:
 
 
 @pytest.mark.slow
+def test_fsdp_and_ddp_on_two_processes_train_the_same_model(tmp_path: Path) -> None:
+    """Sharding changes where the weights live, not the training: the same losses and the same
+    (whole-model, pre-clipping) gradient norm, which FSDP computes over its shards."""
+    runs = {name: tmp_path / name for name in ("fsdp_cpu", "ddp_cpu")}
+    for name, run_dir in runs.items():
+        train(run_dir, tmp_path / "cache", f"trainer={name}", "trainer.max_steps=4", "trainer.val_check_interval=4")
+    for key in ("train/loss", "train/grad_norm"):
+        fsdp, ddp = metrics(runs["fsdp_cpu"], key), metrics(runs["ddp_cpu"], key)
+        assert fsdp.keys() == ddp.keys() == {0, 1, 2, 3}
+        assert list(fsdp.values()) == pytest.approx(list(ddp.values()), rel=1e-4), key
+
+
+@pytest.mark.slow
 def test_ddp_inside_a_hydra_multirun(tmp_path: Path) -> None:
     """Each sweep point starts its own 2 DDP ranks, and no rank restarts the sweep."""
     env = {**os.environ, "LLMKIT_DATA_DIR": str(tmp_path / "cache")}

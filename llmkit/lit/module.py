@@ -79,11 +79,29 @@ class LitLM(L.LightningModule):
         self.log("val/ppl", loss.exp(), prog_bar=True, sync_dist=False)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # pre-clipping norm, only on logging steps: it costs a pass over every gradient
         if self._logging_step():
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
             self.log("train/lr", optimizer.param_groups[0]["lr"])
+            if not self._clips_by_norm():  # otherwise clipping computes (and logs) the norm anyway
+                self.log("train/grad_norm", _full(torch.nn.utils.get_total_norm(_grads(optimizer))))
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip by the global norm here rather than in Lightning's precision plugin: the norm is then
+        computed once and logged as train/grad_norm, and fused AdamW works under bf16-mixed (the plugin
+        refuses fused optimizers with clipping, a rule that protects fp16 loss scaling; bf16 has no
+        scaler). With a gradient scaler the plugin's path, and its check, stay in charge."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if not self._clips_by_norm() or scaler is not None:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        norm = torch.nn.utils.clip_grad_norm_(_params(optimizer), self.trainer.gradient_clip_val)
+        if self._logging_step():
+            self.log("train/grad_norm", _full(norm))  # before clipping
+
+    def _clips_by_norm(self) -> bool:
+        return bool(self.trainer.gradient_clip_val) and self.trainer.gradient_clip_algorithm in (None, "norm")
 
     def _logging_step(self) -> bool:
         """Whether Lightning writes this step's logs: it does when (step + 1) % log_every_n_steps == 0,
@@ -101,3 +119,16 @@ class LitLM(L.LightningModule):
                 f"the checkpoint's model has a vocabulary of {saved['vocab_size']} tokens but this run's data "
                 f"gives {self.model.cfg.vocab_size}; resume with the data and tokenizer the checkpoint was trained on"
             )
+
+
+def _params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _grads(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p.grad for p in _params(optimizer) if p.grad is not None]
+
+
+def _full(norm: torch.Tensor) -> torch.Tensor:
+    """A norm over FSDP-sharded gradients is a DTensor; the logger wants the plain total."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
