@@ -32,16 +32,34 @@ def mixed_precision_policy(precision: str | None):
     return MixedPrecisionPolicy()
 
 
-def apply_fsdp(model: Transformer, device_mesh: DeviceMesh, precision: str | None = None) -> None:
+RESHARD_POLICIES = ("default", "always", "never")
+
+
+def check_reshard_policy(value: str) -> None:
+    if value not in RESHARD_POLICIES:
+        raise ValueError(f"trainer.strategy.reshard_after_forward={value}: valid values are {', '.join(RESHARD_POLICIES)}")
+
+
+def apply_fsdp(
+    model: Transformer, device_mesh: DeviceMesh, precision: str | None = None, reshard_after_forward: str = "default"
+) -> None:
     """Shard each block on its own (its all-gather overlaps the previous block's compute), then
-    the root, which holds the embeddings, the final norm and the (possibly tied) head."""
+    the root, which holds the embeddings, the final norm and the (possibly tied) head.
+
+    reshard_after_forward: whether a block frees its gathered parameters after its forward pass
+    and gathers them again for the backward. always: least memory; never: one all-gather per block
+    and step instead of two, for the memory of the whole unsharded model (ZeRO-2); default: every
+    block but the last, whose parameters the backward pass needs first (torchtitan's choice)."""
     from torch.distributed.fsdp import fully_shard
 
+    check_reshard_policy(reshard_after_forward)
     mesh = device_mesh["data_parallel"] if device_mesh.mesh_dim_names else device_mesh
     policy = mixed_precision_policy(precision)
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+    last = len(model.blocks) - 1
+    for i, block in enumerate(model.blocks):
+        reshard = reshard_after_forward == "always" or (reshard_after_forward == "default" and i < last)
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward != "never")
 
 
 def apply_compile(model: Transformer) -> None:
@@ -108,9 +126,16 @@ def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
             model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=True)
 
 
-class AtomicModelParallelStrategy(ModelParallelStrategy):
-    """Lightning's FSDP2 strategy, writing sharded checkpoints into `<name>.tmp` first: every rank
-    writes its shard there, and only when all are done does rank 0 swap it into place."""
+class FSDP2Strategy(ModelParallelStrategy):
+    """Lightning's FSDP2 strategy (ModelParallelStrategy) with llmkit's FSDP options, which
+    `LitLM.configure_model` passes to `apply_fsdp`, and atomic checkpoints: sharded checkpoints are
+    written into `<name>.tmp` first (every rank its shard), and only when all are done does rank 0
+    swap it into place."""
+
+    def __init__(self, *args: Any, reshard_after_forward: str = "default", **kwargs: Any) -> None:
+        check_reshard_policy(reshard_after_forward)  # when the trainer is built, before any work
+        super().__init__(*args, **kwargs)
+        self.reshard_after_forward = reshard_after_forward
 
     def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any | None = None) -> None:
         path = Path(self.broadcast(str(filepath)))

@@ -28,3 +28,18 @@ def check_hardware(trainer: Mapping[str, Any], name: str = "trainer") -> None:
         f"trainer={name} needs {where}, but this machine has {available}. "
         f"Run it where those GPUs are (see slurm/ for clusters), or run here with {instead}."
     )
+
+
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
+def set_matmul_precision(trainer: Mapping[str, Any]) -> None:
+    """trainer.float32_matmul_precision: `high` lets float32 matmuls use TF32 tensor cores on
+    Ampere and newer GPUs (about 8x the FLOP/s of full float32, 10 mantissa bits instead of 23);
+    it matters for precision=32 runs and for what autocast leaves in float32."""
+    value = trainer.get("float32_matmul_precision")
+    if value is None:
+        return
+    if value not in MATMUL_PRECISIONS:
+        raise ValueError(f"trainer.float32_matmul_precision={value}: valid values are {', '.join(MATMUL_PRECISIONS)}")
+    torch.set_float32_matmul_precision(value)

@@ -22,7 +22,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from llmkit.distributed import process_group_scope, use_hydra_rank_command
-from llmkit.hardware import check_hardware
+from llmkit.hardware import check_hardware, set_matmul_precision
 from llmkit.lit.callbacks import ThroughputMonitor
 from llmkit.lit.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
 from llmkit.lit.module import LitLM
@@ -31,7 +31,7 @@ from llmkit.sampling import sample
 log = logging.getLogger(__name__)
 
 # keys of the trainer group that are llmkit's, not lightning.Trainer's
-_NOT_TRAINER_ARGS = ("peak_flops_per_device",)
+_NOT_TRAINER_ARGS = ("peak_flops_per_device", "float32_matmul_precision")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -102,6 +102,7 @@ def _log_run_info(trainer: L.Trainer, summary: dict[str, Any]) -> None:
 def _run(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     check_hardware(cfg.trainer, _choice("trainer"))
+    set_matmul_precision(cfg.trainer)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     lit = LitLM(

@@ -23,7 +23,13 @@ def test_smoke_sweep_reports_mfu_per_variant(capsys) -> None:
     assert "1.00x" in out and "batch8" in out
 
 
-def test_gpu_variants_compose_the_issue_model() -> None:
-    assert "model=gqa_rope" in bench_mfu.MODEL and all("trainer=" in " ".join(v) for v in bench_mfu.VARIANTS.values())
+def test_gpu_variants_compose_the_issue_models() -> None:
+    from hydra import compose, initialize_config_dir
+
+    for name, overrides in bench_mfu.VARIANTS.items():
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("train", overrides=overrides)
+        assert cfg.model.attention.name == "causal" and cfg.trainer.accelerator == "gpu", name
+        assert cfg.data.seq_len == 2048 and cfg.model.d_model in (1024, 2048), name
     with pytest.raises(SystemExit, match="unknown variant"):
         bench_mfu.main(["--only", "nope"])

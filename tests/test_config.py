@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
-from llmkit.hardware import HardwareError, check_hardware
+from llmkit.hardware import HardwareError, check_hardware, set_matmul_precision
 from llmkit.model import ModelConfig, Transformer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -83,6 +83,20 @@ def test_headline_command_composes_and_stops_without_gpus() -> None:
 
 def test_cpu_trainer_passes_hardware_check() -> None:
     check_hardware(_compose().trainer)
+
+
+def test_gpu_trainers_let_float32_matmuls_use_tf32_and_a_bad_value_lists_valid_ones() -> None:
+    import torch
+
+    saved = torch.get_float32_matmul_precision()
+    try:
+        for trainer, expected in [("gpu", "high"), ("fsdp_8gpu", "high"), ("cpu", "highest")]:
+            set_matmul_precision(_compose(f"trainer={trainer}").trainer)
+            assert torch.get_float32_matmul_precision() == expected
+        with pytest.raises(ValueError, match="float32_matmul_precision=tf32: valid values are highest, high, medium"):
+            set_matmul_precision(_compose("trainer.float32_matmul_precision=tf32").trainer)
+    finally:
+        torch.set_float32_matmul_precision(saved)
 
 
 @pytest.mark.parametrize("override", ["model=gpt3", "model/attention=gqq", "model/position=rotary", "trainer=fsdp_9gpu"])

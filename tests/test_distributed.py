@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from llmkit.distributed import apply_activation_checkpointing
+from llmkit.distributed import FSDP2Strategy, apply_activation_checkpointing, apply_fsdp
 from tests.model.helpers import VOCAB, tiny_model
 
 
@@ -26,3 +26,37 @@ def test_activation_checkpointing_keeps_loss_gradients_and_state_dict_keys(mode:
 def test_unknown_activation_checkpointing_mode_lists_valid_ones() -> None:
     with pytest.raises(ValueError, match="none, full, selective"):
         apply_activation_checkpointing(tiny_model(), "every")
+
+
+@pytest.fixture
+def one_rank_mesh(monkeypatch: pytest.MonkeyPatch):
+    """A real (gloo, world size 1) process group and device mesh, so fully_shard runs in-process."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29571")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    ("policy", "kept"), [("default", [False, False, True]), ("always", [False, False, False]), ("never", [True, True, True])]
+)
+def test_reshard_after_forward_policy_decides_which_blocks_keep_gathered_parameters(one_rank_mesh, policy, kept) -> None:
+    from torch.distributed.tensor import DTensor
+
+    model = tiny_model(n_layers=3)
+    apply_fsdp(model, one_rank_mesh, reshard_after_forward=policy)
+    idx = torch.randint(0, VOCAB, (2, 8))
+    model.loss(idx, idx)  # forward only: between forward and backward is where the policy shows
+    # a block that resharded holds its sharded DTensor parameters again; one that did not, the gathered tensors
+    assert [not isinstance(block.norm_2.weight, DTensor) for block in model.blocks] == kept
+
+
+def test_unknown_reshard_policy_fails_when_the_strategy_is_built() -> None:
+    with pytest.raises(ValueError, match="reshard_after_forward=sometimes: valid values are default, always, never"):
+        FSDP2Strategy(reshard_after_forward="sometimes")

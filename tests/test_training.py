@@ -201,14 +201,21 @@ def test_two_process_fsdp_rehearsal_on_cpu_writes_a_sharded_checkpoint(tmp_path:
 @pytest.mark.slow
 def test_fsdp_and_ddp_on_two_processes_train_the_same_model(tmp_path: Path) -> None:
     """Sharding changes where the weights live, not the training: the same losses and the same
-    (whole-model, pre-clipping) gradient norm, which FSDP computes over its shards."""
-    runs = {name: tmp_path / name for name in ("fsdp_cpu", "ddp_cpu")}
-    for name, run_dir in runs.items():
-        train(run_dir, tmp_path / "cache", f"trainer={name}", "trainer.max_steps=4", "trainer.val_check_interval=4")
+    (whole-model, pre-clipping) gradient norm, which FSDP computes over its shards, whether or not
+    blocks keep their gathered parameters between forward and backward."""
+    runs = {
+        "fsdp": ["trainer=fsdp_cpu"],
+        "fsdp_no_reshard": ["trainer=fsdp_cpu", "trainer.strategy.reshard_after_forward=never"],
+        "ddp": ["trainer=ddp_cpu"],
+    }
+    for name, overrides in runs.items():
+        train(tmp_path / name, tmp_path / "cache", *overrides, "trainer.max_steps=4", "trainer.val_check_interval=4")
     for key in ("train/loss", "train/grad_norm"):
-        fsdp, ddp = metrics(runs["fsdp_cpu"], key), metrics(runs["ddp_cpu"], key)
-        assert fsdp.keys() == ddp.keys() == {0, 1, 2, 3}
-        assert list(fsdp.values()) == pytest.approx(list(ddp.values()), rel=1e-4), key
+        ddp = metrics(tmp_path / "ddp", key)
+        assert ddp.keys() == {0, 1, 2, 3}
+        for name in ("fsdp", "fsdp_no_reshard"):
+            fsdp = metrics(tmp_path / name, key)
+            assert fsdp == pytest.approx(ddp, rel=1e-4), (name, key)
 
 
 @pytest.mark.slow

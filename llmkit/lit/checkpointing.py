@@ -2,7 +2,7 @@
 
 A checkpoint file is written to `<name>.tmp` and renamed into place, so a crash while saving
 leaves the previous checkpoint untouched and never a half-written file under the real name;
-sharded checkpoint directories likewise (see llmkit.distributed.AtomicModelParallelStrategy).
+sharded checkpoint directories likewise (see llmkit.distributed.FSDP2Strategy).
 `find_resume_checkpoint` picks the newest complete checkpoint of a run directory.
 """
 

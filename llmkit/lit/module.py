@@ -43,7 +43,8 @@ class LitLM(L.LightningModule):
         if self.hparams.compile:
             apply_compile(self.model)
         if self.device_mesh is not None:
-            apply_fsdp(self.model, self.device_mesh, self.trainer.precision)
+            options = {"reshard_after_forward": getattr(self.trainer.strategy, "reshard_after_forward", "default")}
+            apply_fsdp(self.model, self.device_mesh, self.trainer.precision, **options)
 
     def configure_optimizers(self) -> dict[str, Any]:
         optim = dict(self.hparams.optim)
