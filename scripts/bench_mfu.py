@@ -67,6 +67,9 @@ def print_table(rows: list[dict]) -> None:
         if "error" in r:
             print(f"{r['name']:24s} failed: {r['error'][:90]}")
             continue
+        if r.get("mfu") is None:  # the throughput monitor skips the first (compiling) steps
+            print(f"{r['name']:24s} no steady-state steps measured: run more --steps")
+            continue
         ratio = f"{r['mfu'] / first:8.2f}x" if first and r.get("mfu") else f"{'':>9}"
         speed = f"{r['median_step_ms']:9.1f} {r['tokens_per_s']:11,.0f} {100 * r['mfu']:6.1f}%"
         print(f"{r['name']:24s} {r['params'] / 1e6:6.0f}M {speed} {ratio} "
