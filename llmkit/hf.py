@@ -130,7 +130,7 @@ def hf_config(model: Transformer, tokenizer: Tokenizer | None = None) -> Any:
     )
 
 
-# Hugging Face name -> llmkit name inside one block; export and import both read these
+# Hugging Face name -> llmkit name inside one block
 GPT2_BLOCK_NAMES = {
     "ln_1": "norm_1", "ln_2": "norm_2", "attn.c_attn": "attention.wqkv", "attn.c_proj": "attention.wo",
     "mlp.c_fc": "ffn.w_in", "mlp.c_proj": "ffn.w_out",
@@ -138,51 +138,70 @@ GPT2_BLOCK_NAMES = {
 LLAMA_MLP_NAMES = {"gate_proj": "w_gate", "up_proj": "w_up", "down_proj": "w_out"}
 
 
+def name_pairs(cfg: ModelConfig, family: str) -> list[tuple[str, str, bool]]:
+    """(llmkit name, Hugging Face name, stored transposed) of every tensor that maps one to one.
+    Export reads the table left to right and import right to left; a pair whose source tensor is
+    absent (biases of a bias-free model) is skipped. Fused attention and experts are not in it."""
+    if family == "gpt2":
+        pairs = [("tok_emb.weight", "transformer.wte.weight", False), ("position.table.weight", "transformer.wpe.weight", False),
+                 ("norm.weight", "transformer.ln_f.weight", False), ("norm.bias", "transformer.ln_f.bias", False)]
+        for i in range(cfg.n_layers):
+            for hf, ours in GPT2_BLOCK_NAMES.items():
+                conv1d = not hf.startswith("ln")  # GPT-2's Conv1D stores weights as (in, out)
+                pairs.append((f"blocks.{i}.{ours}.weight", f"transformer.h.{i}.{hf}.weight", conv1d))
+                pairs.append((f"blocks.{i}.{ours}.bias", f"transformer.h.{i}.{hf}.bias", False))
+    else:
+        pairs = [("tok_emb.weight", "model.embed_tokens.weight", False), ("norm.weight", "model.norm.weight", False)]
+        for i in range(cfg.n_layers):
+            p, h = f"blocks.{i}.", f"model.layers.{i}."
+            pairs += [(p + "norm_1.weight", h + "input_layernorm.weight", False),
+                      (p + "norm_2.weight", h + "post_attention_layernorm.weight", False)]
+            for suffix in ("weight", "bias"):
+                pairs.append((f"{p}attention.wo.{suffix}", f"{h}self_attn.o_proj.{suffix}", False))
+                if family == "llama":
+                    pairs += [(f"{p}ffn.{ours}.{suffix}", f"{h}mlp.{hf}.{suffix}", False) for hf, ours in LLAMA_MLP_NAMES.items()]
+    if not cfg.tie_embeddings:
+        pairs.append(("head.weight", "lm_head.weight", False))
+    return pairs
+
+
 def hf_state_dict(model: Transformer) -> dict[str, Tensor]:
     """llmkit weights under Hugging Face names (contiguous copies, ready for safetensors)."""
     cfg, family = model.cfg, hf_architecture(model.cfg)
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     out: dict[str, Tensor] = {}
-    C, kv = cfg.d_model, _opt(cfg.attention, "n_kv_heads", cfg.n_heads) * cfg.head_dim
-    if family == "gpt2":
-        out["transformer.wte.weight"] = sd["tok_emb.weight"]
-        out["transformer.wpe.weight"] = sd["position.table.weight"]
+    for ours, hf, transposed in name_pairs(cfg, family):
+        if ours in sd:
+            out[hf] = sd[ours].t() if transposed else sd[ours]
+        elif family == "gpt2" and ours.endswith(".bias"):  # GPT-2 always has biases
+            weight = sd[ours.removesuffix("bias") + "weight"]
+            out[hf] = torch.zeros(weight.size(0), dtype=weight.dtype)
+    if family != "gpt2":
         for i in range(cfg.n_layers):
-            p, h = f"blocks.{i}.", f"transformer.h.{i}."
-            for hf, ours in GPT2_BLOCK_NAMES.items():
-                weight = sd[p + ours + ".weight"]
-                out[h + hf + ".weight"] = weight if hf.startswith("ln") else weight.t()  # Conv1D: (in, out)
-                out[h + hf + ".bias"] = sd.get(p + ours + ".bias", torch.zeros(weight.size(0), dtype=weight.dtype))
-        out["transformer.ln_f.weight"] = sd["norm.weight"]
-        out["transformer.ln_f.bias"] = sd.get("norm.bias", torch.zeros(C, dtype=sd["norm.weight"].dtype))
-    else:
-        out["model.embed_tokens.weight"] = sd["tok_emb.weight"]
-        for i in range(cfg.n_layers):
-            p, h = f"blocks.{i}.", f"model.layers.{i}."
-            for suffix in ("weight", "bias"):
-                if p + f"attention.wqkv.{suffix}" in sd:
-                    q, k, v = sd[p + f"attention.wqkv.{suffix}"].split([C, kv, kv], dim=0)
-                    out[h + f"self_attn.q_proj.{suffix}"], out[h + f"self_attn.k_proj.{suffix}"] = q, k
-                    out[h + f"self_attn.v_proj.{suffix}"] = v
-                    out[h + f"self_attn.o_proj.{suffix}"] = sd[p + f"attention.wo.{suffix}"]
-            out[h + "input_layernorm.weight"] = sd[p + "norm_1.weight"]
-            out[h + "post_attention_layernorm.weight"] = sd[p + "norm_2.weight"]
-            if family == "llama":
-                for hf, ours in LLAMA_MLP_NAMES.items():
-                    for suffix in ("weight", "bias"):
-                        if f"{p}ffn.{ours}.{suffix}" in sd:
-                            out[f"{h}mlp.{hf}.{suffix}"] = sd[f"{p}ffn.{ours}.{suffix}"]
-            else:  # mixtral, in the on-disk layout of transformers 4 and 5: one w1 (gate), w3 (up), w2 (down) per expert
-                out[h + "block_sparse_moe.gate.weight"] = sd[p + "ffn.router.proj.weight"]
-                w_in, w_out = sd[p + "ffn.experts.w_in"], sd[p + "ffn.experts.w_out"]  # (E, C, 2H) [gate | up], (E, H, C)
-                for e in range(w_in.size(0)):
-                    gate, up = w_in[e].t().chunk(2, dim=0)
-                    x = f"{h}block_sparse_moe.experts.{e}."
-                    out[x + "w1.weight"], out[x + "w3.weight"], out[x + "w2.weight"] = gate, up, w_out[e].t()
-        out["model.norm.weight"] = sd["norm.weight"]
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["head.weight"]
+            _export_qkv(sd, out, cfg, f"blocks.{i}.", f"model.layers.{i}.")
+            if family == "mixtral":
+                _export_experts(sd, out, f"blocks.{i}.", f"model.layers.{i}.")
     return {k: v.contiguous().clone() for k, v in out.items()}
+
+
+def _export_qkv(sd: dict[str, Tensor], out: dict[str, Tensor], cfg: ModelConfig, p: str, h: str) -> None:
+    """Our fused (q | k | v) projection as Hugging Face's three."""
+    C, kv = cfg.d_model, _opt(cfg.attention, "n_kv_heads", cfg.n_heads) * cfg.head_dim
+    for suffix in ("weight", "bias"):
+        if p + f"attention.wqkv.{suffix}" in sd:
+            q, k, v = sd[p + f"attention.wqkv.{suffix}"].split([C, kv, kv], dim=0)
+            for name, part in zip("qkv", (q, k, v), strict=True):
+                out[h + f"self_attn.{name}_proj.{suffix}"] = part
+
+
+def _export_experts(sd: dict[str, Tensor], out: dict[str, Tensor], p: str, h: str) -> None:
+    """Mixtral's on-disk layout (transformers 4 and 5): one w1 (gate), w3 (up), w2 (down) per expert."""
+    out[h + "block_sparse_moe.gate.weight"] = sd[p + "ffn.router.proj.weight"]
+    w_in, w_out = sd[p + "ffn.experts.w_in"], sd[p + "ffn.experts.w_out"]  # (E, C, 2H) [gate | up], (E, H, C)
+    for e in range(w_in.size(0)):
+        gate, up = w_in[e].t().chunk(2, dim=0)
+        x = f"{h}block_sparse_moe.experts.{e}."
+        out[x + "w1.weight"], out[x + "w3.weight"], out[x + "w2.weight"] = gate, up, w_out[e].t()
 
 
 def export_hf(model: Transformer, tokenizer: Tokenizer | None, out_dir: str | Path) -> Path:
@@ -286,46 +305,36 @@ def llmkit_state_dict(hf_sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, T
     """Hugging Face weights under llmkit names (inverse of hf_state_dict)."""
     family = hf_architecture(cfg)
     sd: dict[str, Tensor] = {}
-    if family == "gpt2":
-        sd["tok_emb.weight"] = hf_sd["transformer.wte.weight"]
-        sd["position.table.weight"] = hf_sd["transformer.wpe.weight"]
+    for ours, hf, transposed in name_pairs(cfg, family):
+        if hf in hf_sd:
+            sd[ours] = hf_sd[hf].t() if transposed else hf_sd[hf]
+    if family != "gpt2":
         for i in range(cfg.n_layers):
-            p, h = f"blocks.{i}.", f"transformer.h.{i}."
-            for hf, ours in GPT2_BLOCK_NAMES.items():
-                weight = hf_sd[h + hf + ".weight"]
-                sd[p + ours + ".weight"] = weight if hf.startswith("ln") else weight.t()
-                sd[p + ours + ".bias"] = hf_sd[h + hf + ".bias"]
-        sd["norm.weight"], sd["norm.bias"] = hf_sd["transformer.ln_f.weight"], hf_sd["transformer.ln_f.bias"]
-    else:
-        sd["tok_emb.weight"] = hf_sd["model.embed_tokens.weight"]
-        for i in range(cfg.n_layers):
-            p, h = f"blocks.{i}.", f"model.layers.{i}."
-            for suffix in ("weight", "bias"):
-                if h + f"self_attn.q_proj.{suffix}" in hf_sd:
-                    sd[p + f"attention.wqkv.{suffix}"] = torch.cat(
-                        [hf_sd[h + f"self_attn.{x}_proj.{suffix}"] for x in "qkv"], dim=0)
-                    sd[p + f"attention.wo.{suffix}"] = hf_sd[h + f"self_attn.o_proj.{suffix}"]
-            sd[p + "norm_1.weight"] = hf_sd[h + "input_layernorm.weight"]
-            sd[p + "norm_2.weight"] = hf_sd[h + "post_attention_layernorm.weight"]
-            if family == "llama":
-                for hf, ours in LLAMA_MLP_NAMES.items():
-                    for suffix in ("weight", "bias"):
-                        if f"{h}mlp.{hf}.{suffix}" in hf_sd:
-                            sd[f"{p}ffn.{ours}.{suffix}"] = hf_sd[f"{h}mlp.{hf}.{suffix}"]
-            elif h + "mlp.gate.weight" in hf_sd:  # fused in-memory layout of transformers 5
-                sd[p + "ffn.router.proj.weight"] = hf_sd[h + "mlp.gate.weight"]
-                sd[p + "ffn.experts.w_in"] = hf_sd[h + "mlp.experts.gate_up_proj"].transpose(1, 2)
-                sd[p + "ffn.experts.w_out"] = hf_sd[h + "mlp.experts.down_proj"].transpose(1, 2)
-            else:  # per-expert on-disk layout
-                sd[p + "ffn.router.proj.weight"] = hf_sd[h + "block_sparse_moe.gate.weight"]
-                n_experts = sd[p + "ffn.router.proj.weight"].size(0)
-                x = [f"{h}block_sparse_moe.experts.{e}." for e in range(n_experts)]
-                sd[p + "ffn.experts.w_in"] = torch.stack(
-                    [torch.cat([hf_sd[e + "w1.weight"], hf_sd[e + "w3.weight"]], dim=0).t() for e in x])
-                sd[p + "ffn.experts.w_out"] = torch.stack([hf_sd[e + "w2.weight"].t() for e in x])
-        sd["norm.weight"] = hf_sd["model.norm.weight"]
-    sd["head.weight"] = sd["tok_emb.weight"] if cfg.tie_embeddings else hf_sd["lm_head.weight"]
+            _import_qkv(hf_sd, sd, f"blocks.{i}.", f"model.layers.{i}.")
+            if family == "mixtral":
+                _import_experts(hf_sd, sd, f"blocks.{i}.", f"model.layers.{i}.")
+    if cfg.tie_embeddings:
+        sd["head.weight"] = sd["tok_emb.weight"]
     return {k: v.contiguous() for k, v in sd.items()}
+
+
+def _import_qkv(hf_sd: dict[str, Tensor], sd: dict[str, Tensor], p: str, h: str) -> None:
+    for suffix in ("weight", "bias"):
+        if h + f"self_attn.q_proj.{suffix}" in hf_sd:
+            sd[p + f"attention.wqkv.{suffix}"] = torch.cat([hf_sd[h + f"self_attn.{x}_proj.{suffix}"] for x in "qkv"], dim=0)
+
+
+def _import_experts(hf_sd: dict[str, Tensor], sd: dict[str, Tensor], p: str, h: str) -> None:
+    if h + "mlp.gate.weight" in hf_sd:  # fused in-memory layout of transformers 5
+        sd[p + "ffn.router.proj.weight"] = hf_sd[h + "mlp.gate.weight"]
+        sd[p + "ffn.experts.w_in"] = hf_sd[h + "mlp.experts.gate_up_proj"].transpose(1, 2)
+        sd[p + "ffn.experts.w_out"] = hf_sd[h + "mlp.experts.down_proj"].transpose(1, 2)
+        return
+    sd[p + "ffn.router.proj.weight"] = hf_sd[h + "block_sparse_moe.gate.weight"]  # per-expert on-disk layout
+    experts = [f"{h}block_sparse_moe.experts.{e}." for e in range(sd[p + "ffn.router.proj.weight"].size(0))]
+    sd[p + "ffn.experts.w_in"] = torch.stack(
+        [torch.cat([hf_sd[e + "w1.weight"], hf_sd[e + "w3.weight"]], dim=0).t() for e in experts])
+    sd[p + "ffn.experts.w_out"] = torch.stack([hf_sd[e + "w2.weight"].t() for e in experts])
 
 
 def import_hf(directory: str | Path) -> tuple[Transformer, Tokenizer | None]:
