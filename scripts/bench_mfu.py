@@ -29,13 +29,15 @@ MODEL = ["model=gqa_rope", "model.d_model=1024", "model.n_layers=32", "model.n_h
 MODEL_1B = ["model=gqa_rope", "model.d_model=2048", "model.n_layers=20", "model.n_heads=16", "data.seq_len=2048"]
 GPU = ["trainer=gpu", "compile=true"]
 FSDP_1GPU = ["trainer=fsdp", "trainer.devices=1", "compile=true"]
-VARIANTS = {
-    "baseline": MODEL + GPU + ["data.batch_size=8"],
+VARIANTS = {  # baseline and fsdp_1gpu are the set-ups measured first (38.9% and 27.0% MFU, foreach AdamW)
+    "baseline": MODEL + GPU + ["data.batch_size=8", "optim.fused=false"],
     "fused_adamw": MODEL + GPU + ["data.batch_size=8", "optim.fused=true"],
     "batch16": MODEL + GPU + ["data.batch_size=16", "optim.fused=true"],
     "batch16_selective_ac": MODEL + GPU + ["data.batch_size=16", "optim.fused=true", "activation_checkpointing=selective"],
-    "fsdp_1gpu": MODEL + FSDP_1GPU + ["data.batch_size=8"],
-    "fsdp_1gpu_no_reshard": MODEL + FSDP_1GPU + ["data.batch_size=8", "trainer.strategy.reshard_after_forward=never"],
+    "fsdp_1gpu": MODEL + FSDP_1GPU + ["data.batch_size=8", "optim.fused=false"],
+    "fsdp_1gpu_fused": MODEL + FSDP_1GPU + ["data.batch_size=8", "optim.fused=true"],
+    "fsdp_1gpu_no_reshard": MODEL + FSDP_1GPU + ["data.batch_size=8", "optim.fused=true",
+                                                 "trainer.strategy.reshard_after_forward=never"],
     "1b": MODEL_1B + GPU + ["data.batch_size=8", "optim.fused=true"],
     "1b_fsdp_1gpu": MODEL_1B + FSDP_1GPU + ["data.batch_size=8", "optim.fused=true"],
 }
