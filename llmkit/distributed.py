@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
+import signal
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,6 +94,48 @@ def use_hydra_rank_command() -> None:
     from lightning.pytorch.strategies.launchers import subprocess_script
 
     subprocess_script._hydra_subprocess_cmd = hydra_rank_command
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def choose_rendezvous_port() -> None:
+    """Set MASTER_PORT for a run whose ranks Lightning starts on this machine, unless it is set.
+
+    Lightning would take a free port from the kernel's ephemeral range, the range outgoing
+    connections take their own ports from; a rank connecting to that port before rank 0 listens on
+    it can be given that very port as its source and connect to itself, and rank 0 then fails with
+    EADDRINUSE while the other ranks wait. A free port below the ephemeral range cannot be taken
+    that way. SLURM and torchrun set MASTER_PORT themselves."""
+    if "MASTER_PORT" in os.environ:
+        return
+    low = min(ephemeral_port_range()[0], 32768)
+    draw = random.SystemRandom()  # not the seeded generator: concurrent runs with one seed must differ
+    for _ in range(100):
+        port = draw.randrange(20000, low)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        os.environ["MASTER_PORT"] = str(port)
+        return
+
+
+def stop_child_ranks(trainer: Any) -> None:
+    """Lightning starts a node's other ranks as child processes of rank 0 and, when rank 0 fails
+    with an error (Ctrl-C aside), leaves them waiting for it in a collective until the process
+    group's timeout, half an hour later. They cannot go on without rank 0: stop them with it."""
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if isinstance(launcher, _SubprocessScriptLauncher) and launcher.procs:
+        launcher.kill(signal.SIGKILL)
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
-from llmkit.distributed import process_group_scope, use_hydra_rank_command
+from llmkit.distributed import choose_rendezvous_port, process_group_scope, stop_child_ranks, use_hydra_rank_command
 from llmkit.hardware import check_hardware, set_matmul_precision
 from llmkit.lit.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
 from llmkit.lit.module import LitLM
@@ -63,8 +63,13 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         activation_checkpointing=cfg.activation_checkpointing,
     )
     use_hydra_rank_command()  # DDP ranks start as single runs of this job, also inside a multirun
+    choose_rendezvous_port()
     trainer = _trainer(cfg)
-    trainer.fit(lit, datamodule=datamodule, ckpt_path=_resume_path(cfg))
+    try:
+        trainer.fit(lit, datamodule=datamodule, ckpt_path=_resume_path(cfg))
+    except BaseException:
+        stop_child_ranks(trainer)
+        raise
     summary = run_summary(cfg, trainer, lit, time.perf_counter() - started)
     log_run_info(trainer, summary)
     text = _sample(cfg, lit, datamodule)  # every rank: a sharded model's forward is collective

@@ -5,7 +5,8 @@ The model has the layer count of the ~350M gqa_rope of scripts/bench_mfu.py (32 
 widths, so the arithmetic is negligible and what is measured is the
 per-tensor cost of dispatching the step: work the host must do every step whatever the device, and
 which leaves a GPU idle whenever the host is not far enough ahead. FSDP2 runs on a one-rank gloo
-mesh in this process.
+mesh in this process
+(an in-memory store: no port, nothing left in the environment).
 
   python scripts/bench_optimizer.py [--layers 32] [--repeats 50]
 """
@@ -13,8 +14,6 @@ mesh in this process.
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import statistics
 import time
 
@@ -62,11 +61,7 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     parser.add_argument("--repeats", type=int, default=50)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # host dispatch cost, not parallel arithmetic
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # in-process: no port, no env
     try:
         mesh = init_device_mesh("cpu", (1,))
         rows = []

@@ -5,10 +5,11 @@
 if [ -n "${LLMKIT_VENV:-}" ]; then source "$LLMKIT_VENV/bin/activate"; fi   # e.g. LLMKIT_VENV=$HOME/llmkit/.venv
 # module load cuda/12.4   # site modules, if your cluster uses them
 
-# ---- rendezvous: rank 0's node and a port derived from the job id (Lightning's SLURM environment
-# computes the same values; exporting them makes them visible to NCCL/gloo tools and logs) -----------
+# ---- rendezvous: rank 0's node and a port derived from the job id (exported, so NCCL/gloo tools
+# and logs see them). The port stays below Linux's ephemeral range (32768+): a rank connecting to a
+# port in that range before rank 0 listens can be given it as its own source port. ------------------
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-MASTER_PORT=$((15000 + SLURM_JOB_ID % 20000))
+MASTER_PORT=$((15000 + SLURM_JOB_ID % 17000))
 export MASTER_ADDR MASTER_PORT
 
 # ---- threads: each task is one rank; split the node's cores between them --------------------

@@ -48,3 +48,13 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(autouse=True)
 def _fixed_threads() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _no_rendezvous_settings_leak():
+    """A test that leaves MASTER_PORT (or MASTER_ADDR) in this process's environment hands it to
+    every later training subprocess, whose ranks then meet on a port something may still hold."""
+    before = {k: os.environ.get(k) for k in ("MASTER_PORT", "MASTER_ADDR")}
+    yield
+    after = {k: os.environ.get(k) for k in before}
+    assert after == before, f"the test left rendezvous settings behind: {after} (was {before})"

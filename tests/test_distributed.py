@@ -29,14 +29,13 @@ def test_unknown_activation_checkpointing_mode_lists_valid_ones() -> None:
 
 
 @pytest.fixture
-def one_rank_mesh(monkeypatch: pytest.MonkeyPatch):
-    """A real (gloo, world size 1) process group and device mesh, so fully_shard runs in-process."""
+def one_rank_mesh():
+    """A real (gloo, world size 1) process group and device mesh, so fully_shard runs in-process.
+    An in-memory store: a TCP store would hold a port for the rest of the session."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", "29571")
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         yield init_device_mesh("cpu", (1,))
     finally:

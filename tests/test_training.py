@@ -164,6 +164,45 @@ def test_two_process_ddp_rehearsal_on_cpu(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_failing_rank_zero_takes_the_other_ranks_down_with_it(tmp_path: Path) -> None:
+    """Rank 0 cannot listen on its rendezvous port (held here); rank 1, its child, would otherwise
+    wait for it for half an hour."""
+    import signal
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {**os.environ, "LLMKIT_DATA_DIR": str(tmp_path / "cache"), "MASTER_PORT": str(taken.getsockname()[1])}
+        cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", *FAST, "trainer=ddp_cpu"]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=240)  # returns only when every process holding the pipe has ended
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail("rank 1 was left waiting for a rank 0 that had failed")
+    assert proc.returncode != 0 and "address already in use" in out.lower()
+
+
+def test_rendezvous_port_is_free_and_below_the_ephemeral_range(monkeypatch) -> None:
+    import socket
+
+    from llmkit.distributed import choose_rendezvous_port, ephemeral_port_range
+
+    monkeypatch.setenv("MASTER_PORT", "")  # monkeypatch now restores the original (most likely: unset) afterwards
+    monkeypatch.delenv("MASTER_PORT")
+    choose_rendezvous_port()
+    port = int(os.environ["MASTER_PORT"])
+    assert 20000 <= port < ephemeral_port_range()[0]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+    monkeypatch.setenv("MASTER_PORT", "12345")  # SLURM, torchrun or the user chose: left alone
+    choose_rendezvous_port()
+    assert os.environ["MASTER_PORT"] == "12345"
+
+
+@pytest.mark.slow
 def test_bf16_mixed_precision_with_gradient_accumulation(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     train(run_dir, tmp_path / "cache", "trainer.precision=bf16-mixed", "trainer.accumulate_grad_batches=2",
