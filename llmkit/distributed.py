@@ -104,15 +104,16 @@ def ephemeral_port_range() -> tuple[int, int]:
         return 32768, 60999  # Linux's default
 
 
-def choose_rendezvous_port() -> None:
-    """Set MASTER_PORT for a run whose ranks Lightning starts on this machine, unless it is set.
+def choose_rendezvous_port(trainer: Any) -> None:
+    """Set MASTER_PORT for a run whose ranks Lightning starts itself on this machine, unless set.
 
     Lightning would take a free port from the kernel's ephemeral range, the range outgoing
     connections take their own ports from; a rank connecting to that port before rank 0 listens on
     it can be given that very port as its source and connect to itself, and rank 0 then fails with
     EADDRINUSE while the other ranks wait. A free port below the ephemeral range cannot be taken
-    that way. SLURM and torchrun set MASTER_PORT themselves."""
-    if "MASTER_PORT" in os.environ:
+    that way. Where SLURM or torchrun start the ranks, every rank must derive the same port, so
+    this leaves them alone."""
+    if "MASTER_PORT" in os.environ or not _launches_ranks(trainer):
         return
     low = min(ephemeral_port_range()[0], 32768)
     draw = random.SystemRandom()  # not the seeded generator: concurrent runs with one seed must differ
@@ -127,6 +128,15 @@ def choose_rendezvous_port() -> None:
         return
 
 
+def _launches_ranks(trainer: Any) -> bool:
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    # under SLURM or torchrun the launcher exists but starts nothing: the ranks are started outside
+    # (asked before the launch: Lightning's own environment reads LOCAL_RANK, which the launch sets)
+    return isinstance(launcher, _SubprocessScriptLauncher) and not launcher.cluster_environment.creates_processes_externally
+
+
 def stop_child_ranks(trainer: Any) -> None:
     """Lightning starts a node's other ranks as child processes of rank 0 and, when rank 0 fails
     with an error (Ctrl-C aside), leaves them waiting for it in a collective until the process
@@ -134,7 +144,7 @@ def stop_child_ranks(trainer: Any) -> None:
     from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
     launcher = getattr(trainer.strategy, "launcher", None)
-    if isinstance(launcher, _SubprocessScriptLauncher) and launcher.procs:
+    if isinstance(launcher, _SubprocessScriptLauncher) and launcher.procs:  # the ranks this process started
         launcher.kill(signal.SIGKILL)
 
 

@@ -63,8 +63,8 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         activation_checkpointing=cfg.activation_checkpointing,
     )
     use_hydra_rank_command()  # DDP ranks start as single runs of this job, also inside a multirun
-    choose_rendezvous_port()
     trainer = _trainer(cfg)
+    choose_rendezvous_port(trainer)
     try:
         trainer.fit(lit, datamodule=datamodule, ckpt_path=_resume_path(cfg))
     except BaseException:

@@ -185,21 +185,43 @@ def test_a_failing_rank_zero_takes_the_other_ranks_down_with_it(tmp_path: Path) 
     assert proc.returncode != 0 and "address already in use" in out.lower()
 
 
-def test_rendezvous_port_is_free_and_below_the_ephemeral_range(monkeypatch) -> None:
+def test_rendezvous_port_is_free_below_the_ephemeral_range_and_only_for_ranks_lightning_starts(monkeypatch) -> None:
     import socket
+
+    import lightning as L
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
 
     from llmkit.distributed import choose_rendezvous_port, ephemeral_port_range
 
-    monkeypatch.setenv("MASTER_PORT", "")  # monkeypatch now restores the original (most likely: unset) afterwards
-    monkeypatch.delenv("MASTER_PORT")
-    choose_rendezvous_port()
+    for key in ("MASTER_PORT", "SLURM_NTASKS", "SLURM_JOB_NAME"):
+        monkeypatch.setenv(key, "")  # monkeypatch now restores the original (most likely: unset) afterwards
+        monkeypatch.delenv(key)
+    ddp = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
+    choose_rendezvous_port(ddp)
     port = int(os.environ["MASTER_PORT"])
     assert 20000 <= port < ephemeral_port_range()[0]
+    assert ddp.strategy.cluster_environment.main_port == port, "Lightning's ranks meet there"
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
-    monkeypatch.setenv("MASTER_PORT", "12345")  # SLURM, torchrun or the user chose: left alone
-    choose_rendezvous_port()
+
+    monkeypatch.setenv("MASTER_PORT", "12345")  # chosen by SLURM, torchrun or the user: left alone
+    choose_rendezvous_port(L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False))
     assert os.environ["MASTER_PORT"] == "12345"
+
+    monkeypatch.delenv("MASTER_PORT")  # SLURM starts the ranks: each derives the port from the job id
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "2")
+    monkeypatch.setenv("SLURM_NNODES", "1")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_LOCALID", "0")
+    monkeypatch.setenv("SLURM_NODEID", "0")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_NODELIST", "localhost")
+    slurm = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                      plugins=[SLURMEnvironment(auto_requeue=False)])  # as llmkit.train builds it inside SLURM
+    choose_rendezvous_port(slurm)
+    assert "MASTER_PORT" not in os.environ
 
 
 @pytest.mark.slow
