@@ -107,10 +107,11 @@ def ephemeral_port_range() -> tuple[int, int]:
 def choose_rendezvous_port(trainer: Any) -> None:
     """Set MASTER_PORT for a run whose ranks Lightning starts itself on this machine, unless set.
 
-    Lightning would take a free port from the kernel's ephemeral range, the range outgoing
-    connections take their own ports from; a rank connecting to that port before rank 0 listens on
-    it can be given that very port as its source and connect to itself, and rank 0 then fails with
-    EADDRINUSE while the other ranks wait. A free port below the ephemeral range cannot be taken
+    Lightning would take a free port from the kernel's ephemeral range, the range every outgoing
+    connection on the machine takes its own port from, and rank 0 listens on it only seconds later,
+    after starting the other ranks: meanwhile any connection (a rank connecting early among them,
+    which can be given the very port it connects to) may take it, and rank 0 then fails with
+    EADDRINUSE while the other ranks wait. A free port below the ephemeral range is not handed out
     that way. Where SLURM or torchrun start the ranks, every rank must derive the same port, so
     this leaves them alone."""
     if "MASTER_PORT" in os.environ or not _launches_ranks(trainer):
