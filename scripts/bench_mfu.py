@@ -8,6 +8,7 @@ against the first. Validation is one small pass at the end so it does not dilute
 
   python scripts/bench_mfu.py                         # every variant on one GPU (issue: >= 45% MFU on an H100)
   python scripts/bench_mfu.py --only baseline,batch16 --steps 80
+  python scripts/bench_mfu.py --only 1b,1b_fsdp_1gpu --cache data_cache/bench   # split across calls
   python scripts/bench_mfu.py --smoke                 # the same flow on the CPU with a tiny model (for tests)
 """
 
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--only", default="", help="comma-separated variant names")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the flow, not the GPU")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="keep the prepared data here, so split runs (--only ...) prepare it once")
     args = parser.parse_args(argv)
     variants = SMOKE_VARIANTS if args.smoke else VARIANTS
     chosen = [v for v in args.only.split(",") if v] or list(variants)
@@ -91,7 +94,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; valid: {', '.join(variants)}")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        rows = [run_variant(name, variants[name], args.steps, out, out / "cache") for name in chosen]
+        cache = args.cache or out / "cache"
+        rows = [run_variant(name, variants[name], args.steps, out, cache) for name in chosen]
     print(f"{args.steps} steps per variant")
     print_table(rows)
     return rows

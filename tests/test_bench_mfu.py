@@ -14,13 +14,14 @@ _spec.loader.exec_module(bench_mfu)
 
 
 @pytest.mark.slow
-def test_smoke_sweep_reports_mfu_per_variant(capsys) -> None:
-    rows = bench_mfu.main(["--smoke", "--steps", "8"])
+def test_smoke_sweep_reports_mfu_per_variant(capsys, tmp_path: Path) -> None:
+    rows = bench_mfu.main(["--smoke", "--steps", "8", "--cache", str(tmp_path / "cache")])
     assert [r["name"] for r in rows] == ["baseline", "batch8"]
     assert all(0 < r["mfu"] < 1 and r["steps"] == 8 for r in rows)
     assert rows[1]["tokens_seen"] == 2 * rows[0]["tokens_seen"]  # batch 8 against batch 4
     out = capsys.readouterr().out
     assert "1.00x" in out and "batch8" in out
+    assert len([d for d in (tmp_path / "cache").iterdir() if d.is_dir()]) >= 1, "the prepared data stays for the next call"
 
 
 def test_gpu_variants_compose_the_issue_models() -> None:
