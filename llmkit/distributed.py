@@ -129,23 +129,27 @@ def choose_rendezvous_port(trainer: Any) -> None:
         return
 
 
-def _launches_ranks(trainer: Any) -> bool:
+def _subprocess_launcher(trainer: Any) -> Any:
+    """Lightning's launcher that starts a node's other ranks as child processes of rank 0, or None."""
     from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
     launcher = getattr(trainer.strategy, "launcher", None)
+    return launcher if isinstance(launcher, _SubprocessScriptLauncher) else None
+
+
+def _launches_ranks(trainer: Any) -> bool:
+    launcher = _subprocess_launcher(trainer)
     # under SLURM or torchrun the launcher exists but starts nothing: the ranks are started outside
     # (asked before the launch: Lightning's own environment reads LOCAL_RANK, which the launch sets)
-    return isinstance(launcher, _SubprocessScriptLauncher) and not launcher.cluster_environment.creates_processes_externally
+    return launcher is not None and not launcher.cluster_environment.creates_processes_externally
 
 
 def stop_child_ranks(trainer: Any) -> None:
     """Lightning starts a node's other ranks as child processes of rank 0 and, when rank 0 fails
     with an error (Ctrl-C aside), leaves them waiting for it in a collective until the process
     group's timeout, half an hour later. They cannot go on without rank 0: stop them with it."""
-    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
-
-    launcher = getattr(trainer.strategy, "launcher", None)
-    if isinstance(launcher, _SubprocessScriptLauncher) and launcher.procs:  # the ranks this process started
+    launcher = _subprocess_launcher(trainer)
+    if launcher is not None and launcher.procs:  # the ranks this process started
         launcher.kill(signal.SIGKILL)
 
 

@@ -43,8 +43,8 @@ class LitLM(L.LightningModule):
         if self.hparams.compile:
             apply_compile(self.model)
         if self.device_mesh is not None:
-            options = {"reshard_after_forward": getattr(self.trainer.strategy, "reshard_after_forward", "default")}
-            apply_fsdp(self.model, self.device_mesh, self.trainer.precision, **options)
+            reshard = getattr(self.trainer.strategy, "reshard_after_forward", "default")  # FSDP2Strategy's option
+            apply_fsdp(self.model, self.device_mesh, self.trainer.precision, reshard_after_forward=reshard)
 
     def configure_optimizers(self) -> dict[str, Any]:
         optim = dict(self.hparams.optim)

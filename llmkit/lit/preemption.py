@@ -37,7 +37,7 @@ class PreemptionCheckpoint(Callback):
         self.received = False
         self._last_step = -1
         self._pending: tuple[Any, torch.Tensor] | None = None  # (all-reduce in flight, its flag)
-        self._previous_handler: Any = signal.SIG_DFL
+        self._previous_handler: Any = None  # set while our handler is installed
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._previous_handler = signal.signal(self.signum, self._on_signal)
@@ -79,7 +79,12 @@ class PreemptionCheckpoint(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._finish_pending()  # no collective left in flight when the process group goes away
-        signal.signal(self.signum, self._previous_handler)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # also after a failure (on_train_end is not called then; nor may a dead rank's flag be awaited)
+        if self._previous_handler is not None:
+            signal.signal(self.signum, self._previous_handler)
+            self._previous_handler = None
 
 
 def requeue_slurm_job() -> None:
