@@ -9,6 +9,7 @@ against the first. Validation is one small pass at the end so it does not dilute
   python scripts/bench_mfu.py                         # every variant on one GPU (issue: >= 45% MFU on an H100)
   python scripts/bench_mfu.py --only baseline,batch16 --steps 80
   python scripts/bench_mfu.py --only 1b,1b_fsdp_1gpu --cache data_cache/bench   # split across calls
+  python scripts/bench_mfu.py --only 1b --set data.batch_size=12 activation_checkpointing=selective
   python scripts/bench_mfu.py --smoke                 # the same flow on the CPU with a tiny model (for tests)
 """
 
@@ -63,20 +64,24 @@ def run_variant(name: str, overrides: list[str], steps: int, out: Path, cache: P
     return {"name": name, **json.loads((run_dir / "summary.json").read_text())}
 
 
+HEADER = f"{'variant':24s} {'params':>7} {'ms/step':>9} {'tokens/s':>11} {'MFU':>7} {'vs first':>9} {'peak GB':>8}"
+
+
+def format_row(r: dict, first_mfu: float | None) -> str:
+    if "error" in r:
+        return f"{r['name']:24s} failed: {r['error'][:90]}"
+    if r.get("mfu") is None:  # the throughput monitor skips the first (compiling) steps
+        return f"{r['name']:24s} no steady-state steps measured: run more --steps"
+    ratio = f"{r['mfu'] / first_mfu:8.2f}x" if first_mfu else f"{'':>9}"
+    speed = f"{r['median_step_ms']:9.1f} {r['tokens_per_s']:11,.0f} {100 * r['mfu']:6.1f}%"
+    return f"{r['name']:24s} {r['params'] / 1e6:6.0f}M {speed} {ratio} {r['peak_memory_bytes'] / 1e9:8.1f}"
+
+
 def print_table(rows: list[dict]) -> None:
-    print(f"{'variant':24s} {'params':>7} {'ms/step':>9} {'tokens/s':>11} {'MFU':>7} {'vs first':>9} {'peak GB':>8}")
+    print(HEADER)
     first = next((r.get("mfu") for r in rows if r.get("mfu")), None)
     for r in rows:
-        if "error" in r:
-            print(f"{r['name']:24s} failed: {r['error'][:90]}")
-            continue
-        if r.get("mfu") is None:  # the throughput monitor skips the first (compiling) steps
-            print(f"{r['name']:24s} no steady-state steps measured: run more --steps")
-            continue
-        ratio = f"{r['mfu'] / first:8.2f}x" if first and r.get("mfu") else f"{'':>9}"
-        speed = f"{r['median_step_ms']:9.1f} {r['tokens_per_s']:11,.0f} {100 * r['mfu']:6.1f}%"
-        print(f"{r['name']:24s} {r['params'] / 1e6:6.0f}M {speed} {ratio} "
-              f"{r['peak_memory_bytes'] / 1e9:8.1f}")
+        print(format_row(r, first))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -84,6 +89,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--only", default="", help="comma-separated variant names")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the flow, not the GPU")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra Hydra overrides for every chosen variant (e.g. data.batch_size=12)")
     parser.add_argument("--cache", type=Path, default=None,
                         help="keep the prepared data here, so split runs (--only ...) prepare it once")
     args = parser.parse_args(argv)
@@ -95,7 +102,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         cache = args.cache or out / "cache"
-        rows = [run_variant(name, variants[name], args.steps, out, cache) for name in chosen]
+        rows = []
+        for name in chosen:  # each row as it finishes: a run cut off by a time limit still reports the rest
+            rows.append(run_variant(name, variants[name] + args.set, args.steps, out, cache))
+            print(format_row(rows[-1], None), flush=True)
     print(f"{args.steps} steps per variant")
     print_table(rows)
     return rows
