@@ -161,10 +161,7 @@ def xformers_attention(q: Tensor, k: Tensor, v: Tensor, ctx: PositionContext, wi
     k = k.repeat_interleave(groups, dim=1)
     v = v.repeat_interleave(groups, dim=1)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, T, H, D): xformers' layout
-    if is_plain_causal(ctx, window):
-        attn_bias = xops.LowerTriangularMask()
-    else:
-        attn_bias = _aligned_bias(additive_mask(ctx, window, q.dtype), q.size(0), q.size(2))
+    attn_bias = _xformers_bias(xops, ctx, window, q)
     try:
         out = xops.memory_efficient_attention(q, k, v, attn_bias=attn_bias, p=dropout_p)
     except NotImplementedError as err:  # installed, but its CUDA kernels were built for another torch
@@ -174,6 +171,18 @@ def xformers_attention(q: Tensor, k: Tensor, v: Tensor, ctx: PositionContext, wi
             "matching this torch, or use model.attention.kernel=sdpa"
         ) from err
     return out.transpose(1, 2)  # (B, H, T, D)
+
+
+def _xformers_bias(xops, ctx: PositionContext, window: int | None, q: Tensor):
+    """Causal and (in half precision) sliding-window masks as xformers' mask objects, which its kernels
+    compute from a flag; anything else (position bias, packed rows, per-row positions) as a materialised bias."""
+    if is_plain_causal(ctx, window):
+        return xops.LowerTriangularMask()
+    # Only flash (fp16/bf16) has a backward for the local mask (xformers' cutlass one is disabled for it);
+    # T == S here, so the bottom-right alignment is the top-left one.
+    if window is not None and is_plain_causal(ctx, None) and q.dtype in (torch.float16, torch.bfloat16):
+        return xops.fmha.attn_bias.LowerTriangularFromBottomRightLocalAttentionMask(window)
+    return _aligned_bias(additive_mask(ctx, window, q.dtype), q.size(0), q.size(2))
 
 
 def _aligned_bias(mask: Tensor, batch: int, heads: int) -> Tensor:
