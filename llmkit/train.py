@@ -72,10 +72,11 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         raise
     summary = run_summary(cfg, trainer, lit, time.perf_counter() - started)
     log_run_info(trainer, summary)
-    text = _sample(cfg, lit, datamodule)  # every rank: a sharded model's forward is collective
-    if trainer.is_global_zero:
-        out = Path(cfg.paths.output_dir)
+    out = Path(cfg.paths.output_dir)
+    if trainer.is_global_zero:  # before sampling, so a failing sample keeps the run's figures
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    text = _sample(cfg, lit, datamodule, trainer.strategy.root_device)  # every rank: a sharded forward is collective
+    if trainer.is_global_zero:
         print("\n---- sample " + "-" * 60 + f"\n{text}\n" + "-" * 72)
         print(f"run directory: {out}\ncheckpoint:    {summary['checkpoint']}\nsummary:       {out / 'summary.json'}")
     return summary
@@ -111,7 +112,10 @@ def _resume_path(cfg: DictConfig) -> str | None:
     return str(found) if found else None
 
 
-def _sample(cfg: DictConfig, lit: LitLM, datamodule: L.LightningDataModule) -> str:
+def _sample(cfg: DictConfig, lit: LitLM, datamodule: L.LightningDataModule, device: torch.device) -> str:
+    # Lightning's single-device and DDP teardown moved the model to the CPU: sample where it trained
+    # (CUDA-only kernels, compiled blocks and a large model's speed all depend on it)
+    lit.to(device)
     tokenizer = datamodule.tokenizer
     prompt_ids = tokenizer.encode(cfg.sample.prompt) or [tokenizer.eos_id or 0]
     prompt = torch.tensor([prompt_ids], device=lit.device)

@@ -57,10 +57,10 @@ def run_variant(name: str, overrides: list[str], steps: int, out: Path, cache: P
         f"trainer.val_check_interval={steps}", "data.val_windows=8", "trainer.enable_progress_bar=false",
         "data.progress=false", "sample.max_new_tokens=1", *overrides,
     ]
-    env = {**os.environ, "LLMKIT_DATA_DIR": str(cache)}
+    env = {**os.environ, "LLMKIT_DATA_DIR": str(cache), "HYDRA_FULL_ERROR": "1"}
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if result.returncode != 0:
-        return {"name": name, "error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"}
+        return {"name": name, "error": last_error_line(result.stderr)}
     return {"name": name, **json.loads((run_dir / "summary.json").read_text())}
 
 
@@ -75,6 +75,13 @@ def format_row(r: dict, first_mfu: float | None) -> str:
     ratio = f"{r['mfu'] / first_mfu:8.2f}x" if first_mfu else f"{'':>9}"
     speed = f"{r['median_step_ms']:9.1f} {r['tokens_per_s']:11,.0f} {100 * r['mfu']:6.1f}%"
     return f"{r['name']:24s} {r['params'] / 1e6:6.0f}M {speed} {ratio} {r['peak_memory_bytes'] / 1e9:8.1f}"
+
+
+def last_error_line(stderr: str) -> str:
+    """The exception line of a failed run, not the hint lines printed after it."""
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line or "Exception" in line]
+    return (errors or lines or ["failed"])[-1]
 
 
 def print_table(rows: list[dict]) -> None:

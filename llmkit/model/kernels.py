@@ -157,6 +157,13 @@ def xformers_attention(q: Tensor, k: Tensor, v: Tensor, ctx: PositionContext, wi
             f"kernel=xformers runs only on CUDA tensors, got device '{q.device.type}'; "
             "use model.attention.kernel=sdpa on this machine"
         )
+    return _eager_xformers(xops, q, k, v, ctx, window, dropout_p)
+
+
+@torch.compiler.disable
+def _eager_xformers(xops, q: Tensor, k: Tensor, v: Tensor, ctx: PositionContext, window: int | None, dropout_p: float) -> Tensor:
+    """Runs outside torch.compile (a graph break per call): xformers' dispatch inspects mask objects
+    and operator tables in Python, which Dynamo does not trace reliably (xformers issues 720, 765, 920)."""
     groups = q.size(1) // k.size(1)
     k = k.repeat_interleave(groups, dim=1)
     v = v.repeat_interleave(groups, dim=1)
