@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
@@ -44,6 +45,17 @@ def test_every_preset_composes_and_builds(preset: str) -> None:
 def test_gpt2_preset_is_124m_with_the_gpt2_vocabulary() -> None:
     cfg = _compose("model=gpt2")
     assert 124e6 < _build(cfg.model, vocab_size=50257).num_params() < 125e6
+
+
+@pytest.mark.parametrize("preset,vocab,low,high", [
+    ("gqa_rope_350m", 2048, 340e6, 370e6), ("gqa_rope_1b", 2048, 850e6, 890e6), ("gqa_rope_1b", 32000, 0.97e9, 1.02e9),
+])
+def test_sized_presets_have_the_parameter_counts_their_names_and_mfu_figures_refer_to(
+    preset: str, vocab: int, low: float, high: float
+) -> None:
+    cfg = _compose(f"model={preset}", "data.seq_len=2048")
+    with torch.device("meta"):  # sizes only: nothing allocated
+        assert low < _build(cfg.model, vocab_size=vocab).num_params() < high
 
 
 @pytest.mark.parametrize("group,option", OPTIONS)
