@@ -2,7 +2,8 @@
 parameters, side by side:
 
   1. optimizer step: gradient clipping + AdamW, foreach against fused;
-  2. forward + backward: plain against FSDP2 with each reshard_after_forward policy;
+  2. forward + backward: plain against FSDP2 with each reshard_after_forward policy, and with 2 and 4
+     blocks per FSDP unit (trainer.strategy.blocks_per_unit);
   3. finding the modules that report auxiliary losses and metrics (MoE): a scan of every module
      with a Protocol isinstance, as each step did before, against the lists the model now keeps.
 
@@ -33,7 +34,7 @@ from llmkit.model import ModelConfig, Transformer
 from llmkit.model.ffn import AuxLossProvider, MetricsProvider
 
 
-def build(layers: int, mesh: object | None = None, reshard: str = "default") -> Transformer:
+def build(layers: int, mesh: object | None = None, reshard: str = "default", per_unit: int = 1) -> Transformer:
     torch.manual_seed(0)
     cfg = ModelConfig.from_dict(dict(
         vocab_size=64, d_model=64, n_layers=layers, n_heads=4, max_seq_len=16, norm={"name": "rmsnorm"},
@@ -41,7 +42,7 @@ def build(layers: int, mesh: object | None = None, reshard: str = "default") -> 
     ))
     model = Transformer(cfg)
     if mesh is not None:
-        apply_fsdp(model, mesh, reshard_after_forward=reshard)
+        apply_fsdp(model, mesh, reshard_after_forward=reshard, blocks_per_unit=per_unit)
     return model
 
 
@@ -96,6 +97,9 @@ def forward_backward_rows(args: argparse.Namespace, mesh: object) -> list[tuple[
     for reshard in ("default", "never", "always"):
         model = build(args.layers, mesh, reshard)
         rows.append((f"FSDP2 reshard={reshard}", time_forward_backward(model, args.repeats)))
+    for per_unit in (2, 4):
+        model = build(args.layers, mesh, per_unit=per_unit)
+        rows.append((f"FSDP2 {per_unit} blocks per unit", time_forward_backward(model, args.repeats)))
     return rows
 
 

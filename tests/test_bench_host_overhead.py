@@ -21,6 +21,7 @@ def test_optimizer_forward_backward_and_provider_rows(capsys) -> None:
     assert all(r[3] > 0 and r[4] > 0 for r in rows)
     assert [label for label, _ in results["forward_backward"]] == [
         "plain", "FSDP2 reshard=default", "FSDP2 reshard=never", "FSDP2 reshard=always",
+        "FSDP2 2 blocks per unit", "FSDP2 4 blocks per unit",
     ]
     assert [label for label, _ in results["providers"]] == ["scan every module", "kept lists"]
     assert all(ms > 0 for key in ("forward_backward", "providers") for _, ms in results[key])

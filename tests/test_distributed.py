@@ -56,6 +56,40 @@ def test_reshard_after_forward_policy_decides_which_blocks_keep_gathered_paramet
     assert [not isinstance(block.norm_2.weight, DTensor) for block in model.blocks] == kept
 
 
+@pytest.mark.parametrize(("layers", "per_unit", "kept"), [(4, 2, [False, False, True, True]), (5, 2, [False] * 4 + [True])])
+def test_blocks_per_unit_groups_consecutive_blocks_into_one_fsdp_unit(one_rank_mesh, layers, per_unit, kept) -> None:
+    """Units [0, 1], [2, 3] (, [4]): under the default policy the whole last unit keeps its gathered
+    parameters after the forward pass, so a grouped block behaves as one unit with its neighbour."""
+    from torch.distributed.tensor import DTensor
+
+    model = tiny_model(n_layers=layers)
+    apply_fsdp(model, one_rank_mesh, blocks_per_unit=per_unit)
+    idx = torch.randint(0, VOCAB, (2, 8))
+    model.loss(idx, idx)
+    assert [not isinstance(block.norm_2.weight, DTensor) for block in model.blocks] == kept
+
+
+def test_grouped_units_compute_the_loss_and_gradients_of_the_unsharded_model(one_rank_mesh) -> None:
+    torch.manual_seed(0)
+    plain = tiny_model(n_layers=3)
+    sharded = tiny_model(n_layers=3)
+    sharded.load_state_dict(plain.state_dict())
+    apply_fsdp(sharded, one_rank_mesh, blocks_per_unit=2)
+    idx = torch.randint(0, VOCAB, (2, 8))
+    for model in (plain, sharded):
+        model.loss(idx, idx).loss.backward()
+    grads = {n: p.grad.full_tensor() for n, p in sharded.named_parameters()}
+    assert grads.keys() == {n for n, _ in plain.named_parameters()}, "names (and checkpoints) unchanged"
+    for name, param in plain.named_parameters():
+        torch.testing.assert_close(grads[name], param.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True])
+def test_a_bad_blocks_per_unit_fails_when_the_strategy_is_built(value) -> None:
+    with pytest.raises(ValueError, match="blocks_per_unit=.*whole number of blocks, 1 or more"):
+        FSDP2Strategy(blocks_per_unit=value)
+
+
 def test_unknown_reshard_policy_fails_when_the_strategy_is_built() -> None:
     with pytest.raises(ValueError, match="reshard_after_forward=sometimes: valid values are default, always, never"):
         FSDP2Strategy(reshard_after_forward="sometimes")

@@ -263,10 +263,11 @@ def test_two_process_fsdp_rehearsal_on_cpu_writes_a_sharded_checkpoint(tmp_path:
 def test_fsdp_and_ddp_on_two_processes_train_the_same_model(tmp_path: Path) -> None:
     """Sharding changes where the weights live, not the training: the same losses and the same
     (whole-model, pre-clipping) gradient norm, which FSDP computes over its shards, whether or not
-    blocks keep their gathered parameters between forward and backward."""
+    blocks keep their gathered parameters between forward and backward, or two blocks form one unit."""
     runs = {
         "fsdp": ["trainer=fsdp_cpu"],
         "fsdp_no_reshard": ["trainer=fsdp_cpu", "trainer.strategy.reshard_after_forward=never"],
+        "fsdp_2_blocks_per_unit": ["trainer=fsdp_cpu", "trainer.strategy.blocks_per_unit=2"],
         "ddp": ["trainer=ddp_cpu"],
     }
     for name, overrides in runs.items():
@@ -274,7 +275,7 @@ def test_fsdp_and_ddp_on_two_processes_train_the_same_model(tmp_path: Path) -> N
     for key in ("train/loss", "train/grad_norm"):
         ddp = metrics(tmp_path / "ddp", key)
         assert ddp.keys() == {0, 1, 2, 3}
-        for name in ("fsdp", "fsdp_no_reshard"):
+        for name in ("fsdp", "fsdp_no_reshard", "fsdp_2_blocks_per_unit"):
             fsdp = metrics(tmp_path / name, key)
             assert fsdp == pytest.approx(ddp, rel=1e-4), (name, key)
 
