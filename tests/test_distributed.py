@@ -93,3 +93,24 @@ def test_a_bad_blocks_per_unit_fails_when_the_strategy_is_built(value) -> None:
 def test_unknown_reshard_policy_fails_when_the_strategy_is_built() -> None:
     with pytest.raises(ValueError, match="reshard_after_forward=sometimes: valid values are default, always, never"):
         FSDP2Strategy(reshard_after_forward="sometimes")
+
+
+@pytest.mark.parametrize(("per_unit", "kept"), [(1, [False, False, False, True]), (2, [False, False, True, True])])
+def test_the_lightning_module_takes_blocks_per_unit_from_the_strategy(one_rank_mesh, per_unit, kept) -> None:
+    """configure_model reads the option from FSDP2Strategy: the last unit's blocks keep their
+    gathered parameters after a forward pass, one block or two."""
+    from types import SimpleNamespace
+
+    from torch.distributed.tensor import DTensor
+
+    from llmkit.lit.module import LitLM
+
+    model = dict(vocab_size=VOCAB, d_model=16, n_layers=4, n_heads=2, max_seq_len=16)
+    lit = LitLM(model=model, optim={"name": "adamw", "lr": 1e-3}, scheduler={"name": "constant"})
+    lit._device_mesh = one_rank_mesh
+    strategy = SimpleNamespace(reshard_after_forward="default", blocks_per_unit=per_unit)
+    lit.trainer = SimpleNamespace(strategy=strategy, precision="32-true")
+    lit.configure_model()
+    idx = torch.randint(0, VOCAB, (2, 8))
+    lit.model.loss(idx, idx)
+    assert [not isinstance(block.norm_2.weight, DTensor) for block in lit.model.blocks] == kept
