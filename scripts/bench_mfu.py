@@ -40,6 +40,8 @@ VARIANTS = {  # figures measured on an H100 are in the README (1b: 50.4%, 1b_fsd
     "fsdp_1gpu_fused": MODEL + FSDP_1GPU + ["data.batch_size=8", "optim.fused=true"],
     "fsdp_1gpu_no_reshard": MODEL + FSDP_1GPU + ["data.batch_size=8", "optim.fused=true",
                                                  "trainer.strategy.reshard_after_forward=never"],
+    "fsdp_1gpu_4_blocks_per_unit": MODEL + FSDP_1GPU + ["data.batch_size=8", "optim.fused=true",
+                                                        "trainer.strategy.blocks_per_unit=4"],
     "1b": MODEL_1B + GPU + ["data.batch_size=8", "optim.fused=true"],
     "1b_fsdp_1gpu": MODEL_1B + FSDP_1GPU + ["data.batch_size=8", "optim.fused=true"],
 }
