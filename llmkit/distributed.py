@@ -216,8 +216,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         check_reshard_policy(reshard_after_forward)  # when the trainer is built, before any work
         check_blocks_per_unit(blocks_per_unit)
         super().__init__(*args, **kwargs)
-        self.reshard_after_forward = reshard_after_forward
-        self.blocks_per_unit = blocks_per_unit
+        self.fsdp_options = {"reshard_after_forward": reshard_after_forward, "blocks_per_unit": blocks_per_unit}
 
     def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any | None = None) -> None:
         path = Path(self.broadcast(str(filepath)))

@@ -108,7 +108,7 @@ def test_the_lightning_module_takes_blocks_per_unit_from_the_strategy(one_rank_m
     model = dict(vocab_size=VOCAB, d_model=16, n_layers=4, n_heads=2, max_seq_len=16)
     lit = LitLM(model=model, optim={"name": "adamw", "lr": 1e-3}, scheduler={"name": "constant"})
     lit._device_mesh = one_rank_mesh
-    strategy = SimpleNamespace(reshard_after_forward="default", blocks_per_unit=per_unit)
+    strategy = SimpleNamespace(fsdp_options={"reshard_after_forward": "default", "blocks_per_unit": per_unit})
     lit.trainer = SimpleNamespace(strategy=strategy, precision="32-true")
     lit.configure_model()
     idx = torch.randint(0, VOCAB, (2, 8))

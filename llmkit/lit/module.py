@@ -43,12 +43,8 @@ class LitLM(L.LightningModule):
         if self.hparams.compile:
             apply_compile(self.model)
         if self.device_mesh is not None:
-            strategy = self.trainer.strategy  # FSDP2Strategy's options; Lightning's own strategy has neither
-            apply_fsdp(
-                self.model, self.device_mesh, self.trainer.precision,
-                reshard_after_forward=getattr(strategy, "reshard_after_forward", "default"),
-                blocks_per_unit=getattr(strategy, "blocks_per_unit", 1),
-            )
+            options = getattr(self.trainer.strategy, "fsdp_options", {})  # FSDP2Strategy's; Lightning's has none
+            apply_fsdp(self.model, self.device_mesh, self.trainer.precision, **options)
 
     def configure_optimizers(self) -> dict[str, Any]:
         optim = dict(self.hparams.optim)

@@ -183,12 +183,13 @@ def _eager_xformers(xops, q: Tensor, k: Tensor, v: Tensor, ctx: PositionContext,
 def _xformers_bias(xops, ctx: PositionContext, window: int | None, q: Tensor):
     """Causal and (in half precision) sliding-window masks as xformers' mask objects, which its kernels
     compute from a flag; anything else (position bias, packed rows, per-row positions) as a materialised bias."""
-    if is_plain_causal(ctx, window):
-        return xops.LowerTriangularMask()
-    # Only flash (fp16/bf16) has a backward for the local mask (xformers' cutlass one is disabled for it);
-    # T == S here, so the bottom-right alignment is the top-left one.
-    if window is not None and is_plain_causal(ctx, None) and q.dtype in (torch.float16, torch.bfloat16):
-        return xops.fmha.attn_bias.LowerTriangularFromBottomRightLocalAttentionMask(window)
+    if is_plain_causal(ctx, None):
+        if window is None:
+            return xops.LowerTriangularMask()
+        # Only flash (fp16/bf16) has a backward for the local mask (xformers' cutlass one is disabled
+        # for it); T == S here, so the bottom-right alignment is the top-left one.
+        if q.dtype in (torch.float16, torch.bfloat16):
+            return xops.fmha.attn_bias.LowerTriangularFromBottomRightLocalAttentionMask(window)
     return _aligned_bias(additive_mask(ctx, window, q.dtype), q.size(0), q.size(2))
 
 
