@@ -95,13 +95,14 @@ def hydra_rank_command(local_rank: int) -> tuple[list[str], str]:
 
     Lightning's own version re-runs the script with the parent's sys.argv, so inside a Hydra
     multirun every rank starts the whole sweep again. Start each rank as a single run of the
-    current job instead: the job's own overrides and its output directory."""
+    current job instead: the job's own overrides and its output directory. `python -m llmkit train`
+    is the same app whether rank 0 came from `llmkit train` or `python train.py`."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.utils import get_original_cwd, to_absolute_path
+    from hydra.utils import get_original_cwd
 
     hydra_cfg = HydraConfig.get()
     command = [
-        sys.executable, to_absolute_path(sys.argv[0]), *hydra_cfg.overrides.task,
+        sys.executable, "-m", "llmkit", "train", *hydra_cfg.overrides.task,
         f'hydra.run.dir="{hydra_cfg.runtime.output_dir}"', f"hydra.job.name=train_ddp_process_{local_rank}",
         "hydra.output_subdir=null",  # rank 0 already wrote the config
     ]

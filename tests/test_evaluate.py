@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -12,16 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llmkit.cli import main as llmkit
 from llmkit.data.shards import MANIFEST, MANIFEST_FORMAT, VERSION, write_shard
 from llmkit.data.tokenizer import CharTokenizer
 from llmkit.evaluate import perplexity, windows
 from llmkit.model import Transformer
 from tests.model.helpers import tiny_model
-
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "scripts" / "evaluate.py")
-evaluate_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(evaluate_script)
 
 
 def direct_nll(model: Transformer, ids: torch.Tensor, context: int, stride: int) -> tuple[float, int]:
@@ -73,12 +68,12 @@ def _checkpoint(tmp_path: Path) -> tuple[Path, Transformer, CharTokenizer]:
     return path, model, tok
 
 
-def test_script_on_text_file_writes_json(tmp_path: Path) -> None:
+def test_evaluate_command_on_a_text_file_writes_json(tmp_path: Path) -> None:
     ckpt, model, tok = _checkpoint(tmp_path)
     text = "the quick brown fox jumps over the lazy dog\n" * 3
     (tmp_path / "held_out.txt").write_text(text)
     out = tmp_path / "eval.json"
-    evaluate_script.main([f"ckpt={ckpt}", f"text={tmp_path / 'held_out.txt'}", "stride=5", f"out={out}"])
+    llmkit(["evaluate", f"ckpt={ckpt}", f"text={tmp_path / 'held_out.txt'}", "stride=5", f"out={out}"])
     report = json.loads(out.read_text())
     ids = torch.tensor(tok.encode(text))
     with torch.no_grad():
@@ -88,7 +83,7 @@ def test_script_on_text_file_writes_json(tmp_path: Path) -> None:
     assert report["ppl"] == pytest.approx(math.exp(report["nll"]))
 
 
-def test_script_on_a_prepared_dataset(tmp_path: Path) -> None:
+def test_evaluate_command_on_a_prepared_dataset(tmp_path: Path) -> None:
     ckpt, model, tok = _checkpoint(tmp_path)
     cache = tmp_path / "dataset"
     (cache / "main").mkdir(parents=True)
@@ -104,9 +99,9 @@ def test_script_on_a_prepared_dataset(tmp_path: Path) -> None:
         "components": {"main": {"weight": 1.0, "splits": {"val": split}}},
     }
     (cache / MANIFEST).write_text(json.dumps(manifest))
-    report = evaluate_script.main([f"ckpt={ckpt}", f"data={cache}", "max_tokens=60", "context=16"])
-    assert json.loads(Path(f"{ckpt}.eval.json").read_text()) == report
+    llmkit(["evaluate", f"ckpt={ckpt}", f"data={cache}", "max_tokens=60", "context=16"])
+    report = json.loads(Path(f"{ckpt}.eval.json").read_text())  # next to the checkpoint by default
     expected = perplexity(model, torch.from_numpy(ids[:60].astype(np.int64)), context=16, stride=8)
     assert report["tokens"] == 59 and report["nll"] == pytest.approx(expected.nll, rel=1e-6)
     with pytest.raises(SystemExit, match="exactly one"):
-        evaluate_script.main([f"ckpt={ckpt}"])
+        llmkit(["evaluate", f"ckpt={ckpt}"])

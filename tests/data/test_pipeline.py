@@ -176,22 +176,19 @@ def test_a_hugging_face_tokenizer_json_through_the_pipeline(jsonl: Path, tmp_pat
 
 
 @pytest.mark.slow
-def test_prepare_data_script_all_and_single_stages(tmp_path: Path) -> None:
+def test_prepare_command_all_and_single_stages(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The command line: stage=all prints the dataset, stages alone write their files in work_dir."""
-    import subprocess
-    import sys
+    from llmkit.cli import main as llmkit
 
-    root = Path(__file__).resolve().parents[2]
     text = tmp_path / "story.txt"
     text.write_text("\n\n".join(_doc(random.Random(i), 80) for i in range(30)))
     common = [f"paths.data_dir={tmp_path / 'cache'}", "data=text", f"data.path={text}", "data.tokenizer=char",
               "data.progress=false", "hydra.run.dir=."]
 
-    def run(*args: str) -> str:
-        result = subprocess.run([sys.executable, str(root / "scripts" / "prepare_data.py"), *common, *args],
-                                cwd=tmp_path, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-2000:]
-        return result.stdout
+    def run(*args: str) -> str:  # in this process: five runs would pay five interpreter start-ups
+        capsys.readouterr()
+        llmkit(["prepare", *common, *args])
+        return capsys.readouterr().out
 
     out = run()
     assert "dataset:" in out and "train" in out and "documents in" in out
@@ -205,6 +202,5 @@ def test_prepare_data_script_all_and_single_stages(tmp_path: Path) -> None:
     shas = [[e["sha256"] for e in json.loads((d / MANIFEST).read_text())["components"]["text"]["splits"]["train"]["shards"]]
             for d in (dataset, work)]
     assert shas[0] == shas[1]
-    bad = subprocess.run([sys.executable, str(root / "scripts" / "prepare_data.py"), *common, "stage=tokenise"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert bad.returncode != 0 and "unknown stage 'tokenise'; valid: all, clean, tokenizer, encode" in bad.stderr
+    with pytest.raises(SystemExit, match="unknown stage 'tokenise'; valid: all, clean, tokenizer, encode"):
+        llmkit(["prepare", *common, "stage=tokenise"])

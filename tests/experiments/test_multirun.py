@@ -32,7 +32,7 @@ def multirun(tmp_path: Path, *overrides: str) -> tuple[Path, subprocess.Complete
 
 
 def make_report(sweep: Path) -> Path:
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), str(sweep)], cwd=ROOT,
+    result = subprocess.run([str(Path(sys.executable).parent / "llmkit"), "report", f"dir={sweep}"], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return sweep / "report"

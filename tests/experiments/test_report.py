@@ -1,22 +1,16 @@
-"""scripts/report.py on synthetic run directories: grouping, mean +- std, the seed-spread verdict, failures, outputs."""
+"""llmkit.report on synthetic run directories: grouping, mean +- std, the seed-spread verdict, failures, outputs."""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("llmkit_report", ROOT / "scripts" / "report.py")
-report = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = report  # dataclasses look their module up
-_spec.loader.exec_module(report)
+from llmkit import report
 
 
 def fake_run(root: Path, num: int, overrides: dict[str, object], loss: float | None, steps: int = 30) -> Path:

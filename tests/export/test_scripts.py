@@ -1,4 +1,4 @@
-"""scripts/export_hf.py and scripts/import_hf.py on a checkpoint with a sentencepiece tokenizer:
+"""`llmkit export` and `llmkit import` on a checkpoint with a sentencepiece tokenizer:
 transformers reads model and tokenizer (same logits, same ids), and the imported checkpoint is the original."""
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from llmkit.data.tokenizer import SentencePieceTokenizer
 from tests.model.helpers import tiny_model
 
 transformers = pytest.importorskip("transformers")
-ROOT = Path(__file__).resolve().parents[2]
+LLMKIT = str(Path(sys.executable).parent / "llmkit")  # the console script installed with the package
 TEXT = "def main():\n    return 1\n\nclass Point:\n    x: int = 0\n\n" * 20 + "The quick brown fox, 3 times.\n\n"
 
 
-def _run(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], cwd=ROOT, capture_output=True,
+def _run(subcommand: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([LLMKIT, subcommand, *args], capture_output=True,
                           text=True, timeout=300)
 
 
@@ -39,7 +39,7 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_export_then_import_scripts(ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "hf"
-    result = _run("export_hf.py", f"ckpt={ckpt}", f"out={out}")
+    result = _run("export", f"ckpt={ckpt}", f"out={out}")
     assert result.returncode == 0, result.stderr
     loaded = load_checkpoint(ckpt)
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -53,7 +53,7 @@ def test_export_then_import_scripts(ckpt: Path, tmp_path: Path) -> None:
         torch.testing.assert_close(hf(ids).logits, loaded.model(ids), rtol=1e-5, atol=1e-5)
 
     back_path = tmp_path / "imported.ckpt"
-    result = _run("import_hf.py", f"hf={out}", f"out={back_path}")
+    result = _run("import", f"hf={out}", f"out={back_path}")
     assert result.returncode == 0, result.stderr
     back = load_checkpoint(back_path)
     assert back.model.cfg == loaded.model.cfg and back.tokenizer.fingerprint == loaded.tokenizer.fingerprint
@@ -66,7 +66,7 @@ def test_unexportable_checkpoint_fails_with_the_part(tmp_path: Path) -> None:
     path = tmp_path / "post_ln.ckpt"
     torch.save({"model_config": model.cfg.to_dict(),
                 "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
-    result = _run("export_hf.py", f"ckpt={path}", f"out={tmp_path / 'hf'}")
+    result = _run("export", f"ckpt={path}", f"out={tmp_path / 'hf'}")
     assert result.returncode != 0
     assert "block=post_ln has no Hugging Face equivalent" in result.stderr and "position=alibi" in result.stderr
     assert not (tmp_path / "hf").exists()

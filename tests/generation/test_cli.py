@@ -1,6 +1,5 @@
-"""scripts/generate.py end to end, on a checkpoint trained here: it streams and exits 0."""
+"""`llmkit generate` end to end, on a checkpoint trained here: it streams and exits 0."""
 
-import importlib.util
 import io
 import subprocess
 import sys
@@ -10,9 +9,10 @@ import pytest
 import torch
 
 from llmkit.checkpoint import load_checkpoint
+from llmkit.cli import main as llmkit
 from llmkit.generation import IncrementalDetokenizer, generate, stream_text
 
-ROOT = Path(__file__).resolve().parents[2]
+LLMKIT = str(Path(sys.executable).parent / "llmkit")  # the console script installed with the package
 PROMPT = "def main():\n    "
 
 pytestmark = pytest.mark.slow
@@ -24,8 +24,7 @@ def ckpt(tiny_checkpoint: Path) -> Path:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "scripts" / "generate.py"), *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run([LLMKIT, "generate", *args], capture_output=True, text=True, timeout=300)
 
 
 def _expected(ckpt: Path, max_new_tokens: int, **options: object) -> str:
@@ -35,8 +34,8 @@ def _expected(ckpt: Path, max_new_tokens: int, **options: object) -> str:
 
 
 def test_cli_prints_prompt_and_continuation_and_exits_0(ckpt: Path) -> None:
-    # the prompt reaches the CLI with \n escapes, as typed in a shell
-    result = _cli(f"ckpt={ckpt}", "prompt=def main():\\n    ", "max_new_tokens=40", "seed=5", "device=cpu")
+    # the prompt reaches the CLI with \n escapes, quoted for Hydra, as typed in a shell ('prompt="..."')
+    result = _cli(f"ckpt={ckpt}", 'prompt="def main():\\n    "', "max_new_tokens=40", "seed=5", "device=cpu")
     assert result.returncode == 0, result.stderr[-2000:]
     expected = _expected(ckpt, 40, temperature=0.8, top_k=50, top_p=1.0)
     assert result.stdout == expected + "\n"
@@ -45,18 +44,15 @@ def test_cli_prints_prompt_and_continuation_and_exits_0(ckpt: Path) -> None:
 
 def test_cli_stops_at_a_stop_string(ckpt: Path) -> None:
     free = _expected(ckpt, 40, temperature=0)[len(PROMPT) :]
-    middle = len(free) // 2
-    stop = free[middle : middle + 2].replace("\\", "x")  # two characters from the middle (no escapes)
-    result = _cli(f"ckpt={ckpt}", "prompt=def main():\\n    ", "max_new_tokens=40", "temperature=0", f"stop={stop}")
+    # two characters from the middle that need no escaping inside Hydra's single quotes
+    start = next(i for i in range(len(free) // 2, len(free) - 1) if not set(free[i : i + 2]) & set("\\'"))
+    stop = free[start : start + 2]
+    result = _cli(f"ckpt={ckpt}", 'prompt="def main():\\n    "', "max_new_tokens=40", "temperature=0", f"stop='{stop}'")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout == PROMPT + free[: free.index(stop)] + "\n"
 
 
 def test_cli_writes_each_piece_as_it_arrives(ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = importlib.util.spec_from_file_location("generate_cli", ROOT / "scripts" / "generate.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-
     class Recorder(io.StringIO):
         flushed: list[str] = []
 
@@ -65,7 +61,7 @@ def test_cli_writes_each_piece_as_it_arrives(ckpt: Path, monkeypatch: pytest.Mon
 
     out = Recorder()
     monkeypatch.setattr(sys, "stdout", out)
-    cli.main([f"ckpt={ckpt}", f"prompt={PROMPT}", "max_new_tokens=20", "temperature=0", "device=cpu"])
+    llmkit(["generate", f"ckpt={ckpt}", 'prompt="def main():\\n    "', "max_new_tokens=20", "temperature=0", "device=cpu"])
     snapshots = out.flushed
     assert len(snapshots) >= 5, "one flush per printed piece"
     assert all(b.startswith(a) and len(b) > len(a) for a, b in zip(snapshots, snapshots[1:], strict=False))

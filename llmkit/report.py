@@ -1,8 +1,8 @@
-"""Compare the runs of a multirun: python scripts/report.py MULTIRUN_DIR [--out DIR] [--title T] [--wandb-project P ...]
+"""Compare the runs of a multirun (`llmkit report dir=MULTIRUN_DIR [out=DIR] [title=T] [wandb_project=P ...]`).
 
 Reads every run directory below MULTIRUN_DIR (`summary.json`, `csv/metrics.csv`, `.hydra/overrides.yaml`),
 finds the swept keys (overrides whose value differs between runs; `seed` is the replicate key), and writes
-to --out (default: MULTIRUN_DIR/report):
+to out= (default: MULTIRUN_DIR/report):
 
   report.md     the table (one row per point: mean +- std over seeds), the pairwise differences judged against
                 the seed-to-seed spread, failed runs, and the val-loss curves (val_loss.png)
@@ -14,13 +14,12 @@ A difference between two points counts as larger than the seed spread when |mean
 2 * s * sqrt(1/n_a + 1/n_b), with s the seed-to-seed standard deviation pooled over all points (about a
 two-sided t-test at 5%). With one seed per point there is no spread and the report says so.
 
-With --wandb-project (and WANDB_MODE not offline, an API key configured, `pip install wandb-workspaces`),
+With wandb_project= (and WANDB_MODE not offline, an API key configured, `pip install wandb-workspaces`),
 the comparison is also published as a W&B Report whose run set is the sweep's group, grouped by the swept keys.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import csv
 import html
@@ -398,40 +397,9 @@ def publish_wandb_report(
                     groupby_rangefunc="stddev", smoothing_factor=0.6),
         wr.BarPlot(title="final val loss", metrics=["val/loss"], groupby_aggfunc="mean", groupby_rangefunc="stddev"),
     ]
-    report = wr.Report(project=project, entity=entity, title=title, description="llmkit scripts/report.py",
+    report = wr.Report(project=project, entity=entity, title=title, description="llmkit report",
                        blocks=[wr.MarkdownBlock(text=markdown), wr.PanelGrid(runsets=[runset], panels=panels)])
     if save:
         report.save()
         print(f"W&B report: {report.url}")
     return report
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("multirun_dir", type=Path)
-    parser.add_argument("--out", type=Path, default=None, help="default: MULTIRUN_DIR/report")
-    parser.add_argument("--title", default=None)
-    parser.add_argument("--note", default=None, help="a paragraph placed under the title (how the runs were made)")
-    parser.add_argument("--wandb-project", default=None, help="publish a W&B Report too (online only)")
-    parser.add_argument("--wandb-entity", default=None)
-    parser.add_argument("--wandb-group", default=None, help="default: the sweep directory relative to the cwd (the runs' group)")
-    args = parser.parse_args(argv)
-    root = args.multirun_dir.resolve()
-    result = write_report(root, args.out or root / "report", args.title, args.note)
-    out = result["out"]
-    print((out / "report.md").read_text())
-    print(f"\nwritten: {out / 'report.md'}, {out / 'report.html'}, {out / 'report.csv'}, {out / 'runs.csv'}")
-    if args.wandb_project:
-        if not wandb_online():
-            print("W&B report skipped: offline (set WANDB_API_KEY or WANDB_MODE=online; `wandb sync` the offline runs first)")
-            return
-        try:
-            group = args.wandb_group or str(root.relative_to(Path.cwd()))
-        except ValueError:
-            group = root.name
-        publish_wandb_report(args.wandb_project, group, result["keys"], args.title or "llmkit comparison",
-                             (out / "report.md").read_text(), args.wandb_entity)
-
-
-if __name__ == "__main__":
-    main()
