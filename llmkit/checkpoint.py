@@ -28,7 +28,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if path.is_dir():
         raise ValueError(
             f"{path} is a sharded (distributed) checkpoint directory; resume it with ckpt_path=... in a sharded run, "
-            f"or make a single file for inference: python scripts/consolidate_checkpoint.py {path} out.ckpt"
+            f"or make a single file for inference: llmkit consolidate ckpt={path} out=out.ckpt"
         )
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")

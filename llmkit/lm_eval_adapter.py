@@ -1,11 +1,9 @@
-"""lm-evaluation-harness model adapter: `--model llmkit --model_args ckpt=path/to/last.ckpt`.
+"""lm-evaluation-harness model adapter, used by `llmkit lm-eval` (and lm_eval's own API as model "llmkit").
 
-    python scripts/lm_eval.py --model llmkit --model_args ckpt=runs/x/checkpoints/last.ckpt,batch_size=8 \\
-        --tasks <task> [--include_path my_tasks/]
+    llmkit lm-eval ckpt=runs/x/checkpoints/last.ckpt tasks=hellaswag batch_size=8 [include_path=my_tasks/]
 
-Importing this module registers the model under the name "llmkit" (lm_eval has no plugin discovery,
-so scripts/lm_eval.py imports it before handing over to lm_eval's own command line).
-Model args: ckpt (a llmkit checkpoint) or hf (a directory exported by scripts/export_hf.py),
+Importing this module registers the model under the name "llmkit" (lm_eval has no plugin discovery).
+Model args: ckpt (a llmkit checkpoint) or hf (a directory written by `llmkit export`),
 device, batch_size, max_length (default: the model's max_seq_len).
 
 Requests are scored as lm_eval's Hugging Face model does: the continuation's tokens are those of

@@ -8,6 +8,10 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# a run of seconds: 4 steps on 60 kB of the default corpus (add hydra.run.dir and data.cache_dir)
+TINY_RUN = ["debug=fast", "data.max_bytes=60000", "data.split=tail", "data.vocab_size=400", "data.seq_len=32",
+            "trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.enable_progress_bar=false",
+            "sample.max_new_tokens=4"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -33,14 +37,12 @@ def _slurm_answers() -> bool:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 4-step gqa_rope checkpoint with a sentencepiece tokenizer, trained once per test session."""
+    """A 4-step gqa_rope checkpoint with a sentencepiece tokenizer, trained once per test session through
+    the `llmkit` console script (generate, evaluate and export tests then run on it)."""
     tmp = tmp_path_factory.mktemp("tiny_checkpoint")
-    cmd = [
-        sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp / 'run'}", f"data.cache_dir={tmp / 'cache'}",
-        "data.max_bytes=60000", "data.split=tail", "data.vocab_size=400", "data.seq_len=32", "trainer.max_steps=4",
-        "trainer.val_check_interval=4", "trainer.enable_progress_bar=false", "sample.max_new_tokens=4",
-        "model=gqa_rope", "model.d_model=64", "model.n_layers=2", "model.n_heads=4",
-    ]
+    cmd = [str(Path(sys.executable).parent / "llmkit"), "train", f"hydra.run.dir={tmp / 'run'}",
+           f"data.cache_dir={tmp / 'cache'}", *TINY_RUN, "model=gqa_rope", "model.d_model=64", "model.n_layers=2",
+           "model.n_heads=4"]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
     return tmp / "run" / "checkpoints" / "last.ckpt"
 

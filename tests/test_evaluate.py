@@ -99,7 +99,7 @@ def test_evaluate_command_on_a_prepared_dataset(tmp_path: Path) -> None:
         "components": {"main": {"weight": 1.0, "splits": {"val": split}}},
     }
     (cache / MANIFEST).write_text(json.dumps(manifest))
-    llmkit(["evaluate", f"ckpt={ckpt}", f"data={cache}", "max_tokens=60", "context=16"])
+    llmkit(["evaluate", f"ckpt={ckpt}", f"dataset={cache}", "max_tokens=60", "context=16"])
     report = json.loads(Path(f"{ckpt}.eval.json").read_text())  # next to the checkpoint by default
     expected = perplexity(model, torch.from_numpy(ids[:60].astype(np.int64)), context=16, stride=8)
     assert report["tokens"] == 59 and report["nll"] == pytest.approx(expected.nll, rel=1e-6)

@@ -100,13 +100,12 @@ def test_lm_eval_command_line_with_a_local_task(tmp_path: Path) -> None:
         "doc_to_choice: choices\nmetric_list:\n  - metric: acc\n"
     )
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, str(ROOT / "scripts" / "run_lm_eval.py"), "--model", "llmkit", "--model_args", f"ckpt={ckpt}",
-           "--tasks", "llmkit_local_mc", "--device", "cpu", "--include_path", str(tasks),
-           "--output_path", str(tmp_path / "results")]
+    cmd = [str(Path(sys.executable).parent / "llmkit"), "lm-eval", f"ckpt={ckpt}", "tasks=llmkit_local_mc", "device=cpu",
+           f"include_path={tasks}", "out=results.json"]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
-    (results_file,) = (tmp_path / "results").rglob("results*.json")
-    acc = json.loads(results_file.read_text())["results"]["llmkit_local_mc"]["acc,none"]
+    assert "llmkit_local_mc" in result.stdout  # lm_eval's table
+    acc = json.loads((tmp_path / "results.json").read_text())["results"]["llmkit_local_mc"]["acc,none"]
     correct = 0
     for doc in DOCS:
         scores = [direct_loglikelihood(model, doc["question"], " " + c)[0] for c in doc["choices"]]

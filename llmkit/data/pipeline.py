@@ -1,7 +1,7 @@
 """The preparation pipeline: sources -> cleaning + splits -> tokenizer -> shards + manifest.
 
 Each stage reads the previous stage's files and writes its own, so each runs alone
-(scripts/prepare_data.py stage=...) and `prepare()` chains them:
+(llmkit prepare stage=...) and `prepare()` chains them:
 
     <work>/<component>/clean/{train,val,test}.jsonl   stage "clean": cleaned documents, by split
     <work>/<component>/cleaning_report.json           what each filter removed and why

@@ -91,7 +91,7 @@ class Shard:
         """Open and check the header (and, given its manifest entry, size and counts)."""
         size = path.stat().st_size if path.exists() else None
         if size is None:
-            raise ShardError(f"shard {path} is missing; prepare the data again (scripts/prepare_data.py)")
+            raise ShardError(f"shard {path} is missing; prepare the data again (llmkit prepare)")
         if size < HEADER_BYTES:
             raise ShardError(f"shard {path} is truncated ({size} bytes, shorter than its header)")
         with open(path, "rb") as f:
@@ -123,7 +123,7 @@ def _map(path: Path, dtype: np.dtype, offset: int, count: int) -> np.ndarray:
 def read_manifest(directory: Path) -> dict[str, Any]:
     path = directory / MANIFEST
     if not path.exists():
-        raise FileNotFoundError(f"no prepared dataset in {directory} (no {MANIFEST}); run scripts/prepare_data.py")
+        raise FileNotFoundError(f"no prepared dataset in {directory} (no {MANIFEST}); run llmkit prepare")
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -141,7 +141,7 @@ def verify_checksums(directory: Path, entries: list[dict[str, Any]]) -> None:
     for entry, actual in failed_checksums(directory, entries):
         path = directory / entry["file"]
         if actual is None:
-            raise ShardError(f"shard {path} is missing; prepare the data again (scripts/prepare_data.py)")
+            raise ShardError(f"shard {path} is missing; prepare the data again (llmkit prepare)")
         found = f"{actual[:16]}..." if len(actual) == 64 else actual
         raise ShardError(
             f"checksum mismatch for shard {path}: expected {entry['sha256'][:16]}..., found {found}; "

@@ -157,7 +157,7 @@ def test_a_local_prepared_directory_and_a_missing_one(jsonl: Path, tmp_path: Pat
     dm.prepare_data()
     dm.setup()
     assert dm.data_dir() == directory
-    with pytest.raises(FileNotFoundError, match=f"no prepared dataset in {tmp_path / 'nowhere'}.*prepare_data.py"):
+    with pytest.raises(FileNotFoundError, match=f"no prepared dataset in {tmp_path / 'nowhere'}.*llmkit prepare"):
         LMDataModule(prepared=str(tmp_path / "nowhere")).setup()
     assert (directory / MANIFEST).exists()
 
