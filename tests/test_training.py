@@ -1,4 +1,8 @@
-"""End to end through train.py: the loss falls, summary.json is complete, resume is exact."""
+"""End to end through `llmkit train`: the loss falls, summary.json is complete, resume is exact.
+
+Single-process runs go through the same Hydra app in this process (`train_here`): a training
+subprocess spends most of its time importing torch and Lightning. Multi-process runs start their
+ranks in subprocesses (`train`), and runs that several tests read are module fixtures."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import pytest
 import torch
 
 from llmkit.checkpoint import consolidate, load_checkpoint
+from llmkit.cli import main as llmkit
 from llmkit.data.prepared import PreparedDataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,11 +35,33 @@ FAST = [
 
 
 def train(run_dir: Path, cache: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LLMKIT_DATA_DIR": str(cache), "PYTHONHASHSEED": "0"}
+    """A run in a subprocess (as a user starts it): for DDP/FSDP ranks, which Lightning starts as processes."""
+    env = {**os.environ, "LLMKIT_DATA_DIR": str(cache)}
     cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *FAST, *overrides]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def train_here(run_dir: Path, cache: Path, *overrides: str) -> None:
+    """A single-process run of the same Hydra app in this process (the way a multirun runs its jobs)."""
+    llmkit(["train", f"hydra.run.dir={run_dir}", f"paths.data_dir={cache}", *FAST, *overrides])
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """20 steps on 2 DDP ranks (read by the DDP rehearsal and the FSDP == DDP tests)."""
+    root = tmp_path_factory.mktemp("ddp")
+    train(root / "run", root / "cache", "trainer=ddp_cpu", "trainer.max_steps=20")
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """20 steps on 2 FSDP2 ranks, a sharded checkpoint (read by the rehearsal, resharding and FSDP == DDP tests)."""
+    root = tmp_path_factory.mktemp("fsdp")
+    train(root / "run", root / "cache", "trainer=fsdp_cpu", "trainer.max_steps=20")
+    return root / "run"
 
 
 def metrics(run_dir: Path, key: str) -> dict[int, float]:
@@ -57,12 +84,13 @@ def unigram_entropy(cache: Path) -> float:
 
 
 @pytest.mark.slow
-def test_loss_falls_well_below_unigram_entropy_and_summary_is_complete(tmp_path: Path) -> None:
+def test_loss_falls_well_below_unigram_entropy_and_summary_is_complete(tmp_path: Path, capsys) -> None:
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
     # random windows, as the threshold was set with: on 17 packed sequences an epoch, the last-10-step
     # mean depends on which sequences those steps draw (seed 1337: 2.80 vs 2.52; seeds 1, 2: epoch order
     # is as good or better). Epoch order itself is covered by the resume tests below.
-    result = train(run_dir, cache, "trainer.max_steps=100", "data.sampling=random")
+    train_here(run_dir, cache, "trainer.max_steps=100", "data.sampling=random")
+    stdout = capsys.readouterr().out
     entropy = unigram_entropy(cache)
     losses = metrics(run_dir, "train/loss")
     late = sum(losses[s] for s in range(90, 100)) / 10
@@ -84,7 +112,7 @@ def test_loss_falls_well_below_unigram_entropy_and_summary_is_complete(tmp_path:
     assert Path(data["dataset"]).parent == cache and len(data["fingerprint"]) == 16
     for key in ("train/grad_norm", "train/lr", "perf/tokens_per_s", "perf/mfu", "val/ppl"):
         assert metrics(run_dir, key), f"{key} was not logged"
-    assert "---- sample" in result.stdout and str(run_dir) in result.stdout
+    assert "---- sample" in stdout and str(run_dir) in stdout
 
 
 @pytest.mark.slow
@@ -97,9 +125,9 @@ def test_resume_continues_step_optimizer_state_and_losses_exactly(tmp_path: Path
         f"+callbacks.periodic.dirpath={tmp_path}/periodic",
     ]
     full = tmp_path / "full"
-    train(full, cache, "trainer.max_steps=40", *periodic)
+    train_here(full, cache, "trainer.max_steps=40", *periodic)
     resumed = tmp_path / "resumed"
-    train(resumed, cache, "trainer.max_steps=40", f"ckpt_path={tmp_path}/periodic/step-20.ckpt")
+    train_here(resumed, cache, "trainer.max_steps=40", f"ckpt_path={tmp_path}/periodic/step-20.ckpt")
 
     full_losses, resumed_losses = metrics(full, "train/loss"), metrics(resumed, "train/loss")
     assert sorted(resumed_losses) == list(range(20, 40)), "resumed run must start at step 21"
@@ -118,38 +146,32 @@ def test_resume_continues_step_optimizer_state_and_losses_exactly(tmp_path: Path
 
 
 @pytest.mark.slow
-def test_resume_with_other_data_fails_clearly_and_keeps_the_checkpoint(tmp_path: Path) -> None:
+def test_resume_with_other_data_fails_clearly_and_keeps_the_checkpoint(tmp_path: Path, capsys) -> None:
     cache = tmp_path / "cache"
     first = tmp_path / "first"
-    train(first, cache, "trainer.max_steps=10")
+    train_here(first, cache, "trainer.max_steps=10")
     ckpt = first / "checkpoints" / "last.ckpt"
     before = ckpt.read_bytes()
-    env = {**os.environ, "LLMKIT_DATA_DIR": str(cache)}
-    cmd = [
-        sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'second'}", *FAST,
-        "data.max_bytes=30000", "trainer.max_steps=20", f"ckpt_path={ckpt}",
-    ]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode != 0
-    assert "vocabulary" in result.stderr or "tokenizer" in result.stderr
+    with pytest.raises(SystemExit):
+        train_here(tmp_path / "second", cache, "data.max_bytes=30000", "trainer.max_steps=20", f"ckpt_path={ckpt}")
+    err = capsys.readouterr().err
+    assert "vocabulary" in err or "tokenizer" in err
     assert ckpt.read_bytes() == before
 
 
-def test_gpu_trainer_on_cpu_machine_stops_before_any_work(tmp_path: Path) -> None:
+def test_gpu_trainer_on_cpu_machine_stops_before_any_work(tmp_path: Path, capsys) -> None:
     if torch.cuda.device_count() >= 8:
         pytest.skip("this machine has 8 GPUs")
-    env = {**os.environ, "LLMKIT_DATA_DIR": str(tmp_path / "cache")}
-    cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", "model=gqa_rope", "trainer=fsdp_8gpu"]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0
-    assert "trainer=fsdp_8gpu needs 8 CUDA GPU(s) per node" in result.stderr
+    with pytest.raises(SystemExit):
+        llmkit(["train", f"hydra.run.dir={tmp_path / 'run'}", f"paths.data_dir={tmp_path / 'cache'}", "model=gqa_rope",
+                "trainer=fsdp_8gpu"])
+    assert "trainer=fsdp_8gpu needs 8 CUDA GPU(s) per node" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists(), "no data may be prepared before the hardware check"
 
 
 @pytest.mark.slow
-def test_two_process_ddp_rehearsal_on_cpu(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    train(run_dir, tmp_path / "cache", "trainer=ddp_cpu", "trainer.max_steps=20")
+def test_two_process_ddp_rehearsal_on_cpu(ddp_run: Path, tmp_path: Path) -> None:
+    run_dir = ddp_run
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 20
     assert summary["tokens_seen"] == 20 * 16 * 64 * 2, "each of the 2 ranks contributes a batch per step"
@@ -158,7 +180,7 @@ def test_two_process_ddp_rehearsal_on_cpu(tmp_path: Path) -> None:
     assert torch.load(last, weights_only=True)["LMDataModule"]["samples_consumed"] == 20 * 2 * 16
 
     # resumed on one rank: the global sample count goes on from where the two ranks stopped
-    train(tmp_path / "one", tmp_path / "cache", "trainer.max_steps=30", f"ckpt_path={last}")
+    train_here(tmp_path / "one", ddp_run.parent / "cache", "trainer.max_steps=30", f"ckpt_path={last}")
     state = torch.load(tmp_path / "one" / "checkpoints" / "last.ckpt", weights_only=True)["LMDataModule"]
     assert state["samples_consumed"] == 20 * 2 * 16 + 10 * 16 and state["global_step"] == 30
 
@@ -227,7 +249,7 @@ def test_rendezvous_port_is_free_below_the_ephemeral_range_and_only_for_ranks_li
 @pytest.mark.slow
 def test_bf16_mixed_precision_with_gradient_accumulation(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    train(run_dir, tmp_path / "cache", "trainer.precision=bf16-mixed", "trainer.accumulate_grad_batches=2",
+    train_here(run_dir, tmp_path / "cache", "trainer.precision=bf16-mixed", "trainer.accumulate_grad_batches=2",
           "trainer.max_steps=10")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 10
@@ -236,9 +258,8 @@ def test_bf16_mixed_precision_with_gradient_accumulation(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_two_process_fsdp_rehearsal_on_cpu_writes_a_sharded_checkpoint(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    train(run_dir, tmp_path / "cache", "trainer=fsdp_cpu", "trainer.max_steps=20")
+def test_two_process_fsdp_rehearsal_on_cpu_writes_a_sharded_checkpoint(fsdp_run: Path, tmp_path: Path) -> None:
+    run_dir = fsdp_run
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 20 and math.isfinite(summary["final_val_loss"])
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -250,7 +271,7 @@ def test_two_process_fsdp_rehearsal_on_cpu_writes_a_sharded_checkpoint(tmp_path:
     single = consolidate(last, tmp_path / "model.ckpt")
     loaded = load_checkpoint(single)
     assert loaded.step == 20 and loaded.tokenizer is not None
-    val = split_tokens(tmp_path / "cache", "val")
+    val = split_tokens(fsdp_run.parent / "cache", "val")
     n = min((len(val) - 1) // 64, 32)  # the validation windows the run used (data.val_windows=32)
     windows = torch.from_numpy(val[: n * 64 + 1])
     inputs, targets = windows[:-1].view(n, 64), windows[1:].view(n, 64)
@@ -260,24 +281,21 @@ def test_two_process_fsdp_rehearsal_on_cpu_writes_a_sharded_checkpoint(tmp_path:
 
 
 @pytest.mark.slow
-def test_fsdp_and_ddp_on_two_processes_train_the_same_model(tmp_path: Path) -> None:
+def test_fsdp_and_ddp_on_two_processes_train_the_same_model(fsdp_run: Path, ddp_run: Path, tmp_path: Path) -> None:
     """Sharding changes where the weights live, not the training: the same losses and the same
-    (whole-model, pre-clipping) gradient norm, which FSDP computes over its shards, whether or not
-    blocks keep their gathered parameters between forward and backward, or two blocks form one unit."""
-    runs = {
-        "fsdp": ["trainer=fsdp_cpu"],
-        "fsdp_no_reshard": ["trainer=fsdp_cpu", "trainer.strategy.reshard_after_forward=never"],
-        "fsdp_2_blocks_per_unit": ["trainer=fsdp_cpu", "trainer.strategy.blocks_per_unit=2"],
-        "ddp": ["trainer=ddp_cpu"],
-    }
-    for name, overrides in runs.items():
-        train(tmp_path / name, tmp_path / "cache", *overrides, "trainer.max_steps=4", "trainer.val_check_interval=4")
+    (whole-model, pre-clipping) gradient norm, which FSDP computes over its shards, also when blocks
+    keep their gathered parameters between forward and backward and two blocks form one unit (each
+    alone is checked in-process in test_distributed.py). Steps 1-4 are inside the warm-up, whose
+    learning rates do not depend on the run's length, so a 4-step run compares with the 20-step ones."""
+    variant = tmp_path / "fsdp_no_reshard_2_blocks_per_unit"
+    train(variant, fsdp_run.parent / "cache", "trainer=fsdp_cpu", "trainer.strategy.reshard_after_forward=never",
+          "trainer.strategy.blocks_per_unit=2", "trainer.max_steps=4", "trainer.val_check_interval=4")
     for key in ("train/loss", "train/grad_norm"):
-        ddp = metrics(tmp_path / "ddp", key)
+        ddp = {step: value for step, value in metrics(ddp_run, key).items() if step < 4}
         assert ddp.keys() == {0, 1, 2, 3}
-        for name in ("fsdp", "fsdp_no_reshard", "fsdp_2_blocks_per_unit"):
-            fsdp = metrics(tmp_path / name, key)
-            assert fsdp == pytest.approx(ddp, rel=1e-4), (name, key)
+        for run in (fsdp_run, variant):
+            fsdp = {step: value for step, value in metrics(run, key).items() if step < 4}
+            assert fsdp == pytest.approx(ddp, rel=1e-4), (run.name, key)
 
 
 @pytest.mark.slow
@@ -298,16 +316,14 @@ def test_ddp_inside_a_hydra_multirun(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sharded_checkpoint_resumes_at_a_different_world_size(tmp_path: Path) -> None:
+def test_sharded_checkpoint_resumes_at_a_different_world_size(fsdp_run: Path, tmp_path: Path, capsys) -> None:
     """Written by 2 FSDP ranks, resumed by 1: the distributed checkpoint reshards on load."""
-    cache = tmp_path / "cache"
-    train(tmp_path / "two", cache, "trainer=fsdp_cpu", "trainer.max_steps=20")
-    ckpt = tmp_path / "two" / "checkpoints" / "last.ckpt"
-    result = train(tmp_path / "one", cache, "trainer=fsdp_cpu", "trainer.devices=1", "trainer.max_steps=30",
-                   f"ckpt_path={ckpt}")
-    assert "Restored all states from the checkpoint" in result.stdout + result.stderr
+    ckpt = fsdp_run / "checkpoints" / "last.ckpt"
+    train_here(tmp_path / "one", fsdp_run.parent / "cache", "trainer=fsdp_cpu", "trainer.devices=1", "trainer.max_steps=30",
+               f"ckpt_path={ckpt}")
+    assert "Restored all states from the checkpoint" in "".join(capsys.readouterr())
     resumed = metrics(tmp_path / "one", "train/loss")
     assert min(resumed) == 20, "training continues at step 21, not from scratch"
-    before = json.loads((tmp_path / "two" / "summary.json").read_text())["final_val_loss"]
+    before = json.loads((fsdp_run / "summary.json").read_text())["final_val_loss"]
     after = json.loads((tmp_path / "one" / "summary.json").read_text())["final_val_loss"]
     assert after < before
