@@ -4,15 +4,13 @@ defined in local files (no hub download)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from llmkit.cli import main as llmkit
 from llmkit.data.tokenizer import CharTokenizer
 from llmkit.evaluate import perplexity
 from llmkit.generation import generate
@@ -84,7 +82,7 @@ def test_rolling_loglikelihood_and_generate_until() -> None:
 
 
 @pytest.mark.slow
-def test_lm_eval_command_line_with_a_local_task(tmp_path: Path) -> None:
+def test_lm_eval_command_with_a_local_task(tmp_path: Path, monkeypatch, capsys) -> None:
     model = _model()
     ckpt = tmp_path / "model.ckpt"
     torch.save({"model_config": model.cfg.to_dict(), "global_step": 1,
@@ -99,12 +97,12 @@ def test_lm_eval_command_line_with_a_local_task(tmp_path: Path) -> None:
         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_target: answer\n"
         "doc_to_choice: choices\nmetric_list:\n  - metric: acc\n"
     )
-    env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
-    cmd = [str(Path(sys.executable).parent / "llmkit"), "lm-eval", f"ckpt={ckpt}", "tasks=llmkit_local_mc", "device=cpu",
-           f"include_path={tasks}", "out=results.json"]
-    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "llmkit_local_mc" in result.stdout  # lm_eval's table
+    # in this process (lm_eval is imported already: a subprocess would spend most of its time importing it)
+    for key, value in {"HF_HOME": str(tmp_path / "hf_home"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    llmkit(["lm-eval", f"ckpt={ckpt}", "tasks=llmkit_local_mc", "device=cpu", f"include_path={tasks}", "out=results.json"])
+    assert "llmkit_local_mc" in capsys.readouterr().out  # lm_eval's table
     acc = json.loads((tmp_path / "results.json").read_text())["results"]["llmkit_local_mc"]["acc,none"]
     correct = 0
     for doc in DOCS:

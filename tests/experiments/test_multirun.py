@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from llmkit.cli import main as llmkit
+
 ROOT = Path(__file__).resolve().parents[2]
 FAST = [
     "data.max_bytes=20000", "data.split=tail", "data.tokenizer=char", "data.seq_len=32", "data.batch_size=8",
@@ -29,6 +31,13 @@ def multirun(tmp_path: Path, *overrides: str) -> tuple[Path, subprocess.Complete
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return sweep, result
+
+
+def multirun_here(tmp_path: Path, *overrides: str) -> Path:
+    """The same sweep through the Hydra app in this process (no wandb: its service and key lookup stay out)."""
+    sweep = tmp_path / "sweep"
+    llmkit(["train", "-m", f"hydra.sweep.dir={sweep}", f"paths.data_dir={tmp_path / 'cache'}", *FAST, *overrides])
+    return sweep
 
 
 def make_report(sweep: Path) -> Path:
@@ -86,15 +95,16 @@ def test_2x2_ablation_multirun_report_matches_runs_and_wandb_is_offline(tmp_path
 
 
 @pytest.mark.slow
-def test_a_failing_point_is_reported_and_the_sweep_goes_on(tmp_path: Path) -> None:
+def test_a_failing_point_is_reported_and_the_sweep_goes_on(tmp_path: Path, capsys) -> None:
     # n_heads=4 is not a multiple of n_kv_heads=3: the first point fails while the model is built
-    sweep, result = multirun(tmp_path, "model.attention.n_kv_heads=3,null,2")
+    sweep = multirun_here(tmp_path, "model.attention.n_kv_heads=3,null,2")
     summaries = [json.loads((sweep / str(i) / "summary.json").read_text()) for i in range(3)]
     assert [s["status"] for s in summaries] == ["failed", "completed", "completed"]
     assert "n_kv_heads=3" in summaries[0]["error"] and summaries[0]["config"]["model"]["attention"]["n_kv_heads"] == 3
-    assert "sweep point failed" in result.stdout + result.stderr
+    assert "sweep point failed" in "".join(capsys.readouterr())
 
-    out = make_report(sweep)
+    llmkit(["report", f"dir={sweep}"])
+    out = sweep / "report"
     points = {p["model.attention.n_kv_heads"]: p for p in read_csv(out / "report.csv")}
     assert points["3"]["status"] == "failed" and points["3"]["final_val_loss_mean"] == ""
     for key, i in (("null", 1), ("2", 2)):
@@ -104,9 +114,9 @@ def test_a_failing_point_is_reported_and_the_sweep_goes_on(tmp_path: Path) -> No
     assert "| 3 | 0/1 |" in md and "FAILED" in md and "## Failed runs" in md and "n_kv_heads=3" in md
 
 
-def test_a_single_run_that_fails_still_exits_non_zero(tmp_path: Path) -> None:
-    env = {**os.environ, "LLMKIT_DATA_DIR": str(tmp_path / "cache")}
-    cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", *FAST, "model.attention.n_kv_heads=3"]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0 and "n_kv_heads=3" in result.stderr
+def test_a_single_run_that_fails_still_exits_non_zero(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as stop:
+        llmkit(["train", f"hydra.run.dir={tmp_path / 'run'}", f"paths.data_dir={tmp_path / 'cache'}", *FAST,
+                "model.attention.n_kv_heads=3"])
+    assert stop.value.code != 0 and "n_kv_heads=3" in capsys.readouterr().err
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "failed"

@@ -16,7 +16,7 @@ from llmkit.model.ffn import FFNS
 from llmkit.model.init import init_weights
 from llmkit.model.moe import MoE
 from tests.model.helpers import VOCAB, tiny_model
-from tests.test_training import metrics, train
+from tests.test_training import metrics, train_here
 
 
 def moe_layer(seed: int = 0, **options: object) -> MoE:
@@ -297,7 +297,7 @@ def test_activation_checkpointing_recomputes_the_same_routing_losses_and_gradien
 @pytest.mark.slow
 def test_moe_trains_through_train_py_and_logs_aux_losses_and_router_statistics(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    train(run_dir, tmp_path / "cache", "model/ffn=moe", "model.ffn.n_experts=4", "model.ffn.expert=mlp", "model.ffn.every=2",
+    train_here(run_dir, tmp_path / "cache", "model/ffn=moe", "model.ffn.n_experts=4", "model.ffn.expert=mlp", "model.ffn.every=2",
           "model.ffn.capacity_factor=1.0", "model.n_layers=2", "trainer.max_steps=60", "trainer.log_every_n_steps=5")
     losses = metrics(run_dir, "train/loss")  # logged at steps 4, 9, ..., 59
     first, last = losses[4], sum(losses[s] for s in (49, 54, 59)) / 3

@@ -1,5 +1,6 @@
 """Launches through a real SLURM cluster (CI: slurm/local-cluster.sh up): sbatch + srun with
-FSDP on 2 CPU processes, and preemption -> checkpoint -> requeue -> exact continuation."""
+FSDP on 2 CPU processes, and preemption -> checkpoint -> requeue -> exact continuation, on one
+process and on two."""
 
 from __future__ import annotations
 
@@ -52,16 +53,6 @@ def wait_done(job: str, tmp: Path, timeout: float = 240) -> None:
     assert job_state(job) == "COMPLETED", log[-3000:]
 
 
-def test_sbatch_srun_fsdp_on_two_cpu_processes_trains_and_writes_a_sharded_checkpoint(tmp_path: Path) -> None:
-    job = sbatch(tmp_path, 2, "trainer=fsdp_cpu", "trainer.max_steps=20", "trainer.val_check_interval=10")
-    wait_done(job, tmp_path)
-    run = tmp_path / "run"
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == 20 and summary["config"]["trainer"]["devices"] == 2
-    last = run / "checkpoints" / "last.ckpt"
-    assert (last / ".metadata").exists() and len(list(last.glob("*.distcp"))) == 2
-
-
 def preempt_and_requeue(job: str, tmp: Path, after_lines: int) -> Path:
     """Send the signal SLURM sends before a time limit to every task once `after_lines` steps are
     logged, check the job checkpoints and goes back to the queue, then let it start again."""
@@ -97,21 +88,21 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 
 def test_preemption_signal_checkpoints_requeues_and_ends_like_an_uninterrupted_run(tmp_path: Path) -> None:
-    steps = ["trainer=cpu", "trainer.max_steps=200", "trainer.val_check_interval=100", "+logger.csv.flush_logs_every_n_steps=5"]
+    steps = ["trainer=cpu", "trainer.max_steps=120", "trainer.val_check_interval=60", "+logger.csv.flush_logs_every_n_steps=5"]
     job = sbatch(tmp_path, 1, *steps)
-    preempted = preempt_and_requeue(job, tmp_path, after_lines=40)
+    preempted = preempt_and_requeue(job, tmp_path, after_lines=30)
     step_at_signal = torch.load(preempted, weights_only=True)["global_step"]
-    assert 0 < step_at_signal < 200
+    assert 0 < step_at_signal < 120
 
     a = torch.load(reference_run(tmp_path, *steps), weights_only=True)
     b = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert a["global_step"] == 200
+    assert a["global_step"] == 120
     assert_same_weights(a, b)
 
 
 def test_preempted_two_rank_fsdp_job_resumes_its_sharded_checkpoint_exactly(tmp_path: Path) -> None:
-    """The multi-rank case: both ranks get the signal, agree on the step, write one sharded
-    checkpoint; the requeued job's two ranks load it and end with an uninterrupted run's weights."""
+    """sbatch + srun start FSDP on 2 CPU processes. Both ranks get the signal, agree on the step, write
+    one sharded checkpoint; the requeued job's two ranks load it and end with an uninterrupted run's weights."""
     steps = ["trainer=fsdp_cpu", "trainer.max_steps=120", "trainer.val_check_interval=60",
              "+logger.csv.flush_logs_every_n_steps=5"]
     job = sbatch(tmp_path, 2, *steps)
@@ -121,6 +112,12 @@ def test_preempted_two_rank_fsdp_job_resumes_its_sharded_checkpoint_exactly(tmp_
     assert 0 < step_at_signal < 120
     log = (tmp_path / f"slurm-{job}.out").read_text()
     assert log.count("[llmkit] job") == 2, "the batch script ran twice: before and after the requeue"
+
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 120 and summary["config"]["trainer"]["devices"] == 2
+    last = run / "checkpoints" / "last.ckpt"
+    assert (last / ".metadata").exists() and len(list(last.glob("*.distcp"))) == 2
 
     reference = reference_run(tmp_path, *steps)
     a = torch.load(consolidate(reference, tmp_path / "reference.ckpt"), weights_only=True)
