@@ -24,6 +24,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from llmkit.lit.checkpointing import replace_directory
 from llmkit.model import Transformer
+from llmkit.recompute import apply_activation_checkpointing  # noqa: F401  (re-exported: the strategies apply it too)
 
 
 def mixed_precision_policy(precision: str | None):
@@ -185,24 +186,6 @@ def process_group_scope() -> Iterator[None]:
             torch.distributed.destroy_process_group()
         os.environ.clear()
         os.environ.update(saved)
-
-
-def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
-    """Recompute block activations in the backward pass instead of storing them.
-
-    full:      every block (least memory, about one extra forward of compute);
-    selective: every other block (about half the saving for half the recompute);
-    none:      nothing. State-dict keys are unchanged (the wrapper strips its prefix)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-    every = {"none": 0, "full": 1, "selective": 2}
-    if mode not in every:
-        raise ValueError(f"activation_checkpointing={mode}: valid values are {', '.join(every)}")
-    if every[mode] == 0:
-        return
-    for i, block in enumerate(model.blocks):
-        if i % every[mode] == 0:
-            model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=True)
 
 
 class FSDP2Strategy(ModelParallelStrategy):

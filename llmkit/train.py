@@ -20,6 +20,7 @@ from llmkit.distributed import choose_rendezvous_port, process_group_scope, stop
 from llmkit.hardware import check_hardware, set_matmul_precision
 from llmkit.lit.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
 from llmkit.lit.module import LitLM
+from llmkit.plan import preflight
 from llmkit.run_summary import choices, failed_summary, finish_wandb, log_run_info, run_summary
 from llmkit.sampling import sample
 
@@ -55,6 +56,7 @@ def _multirun() -> bool:
 def _run(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     check_hardware(cfg.trainer, _choice("trainer"))
+    preflight(cfg)  # the memory estimate (llmkit/plan.py): stops before any data or model is made
     set_matmul_precision(cfg.trainer)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)

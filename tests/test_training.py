@@ -49,11 +49,21 @@ def train_here(run_dir: Path, cache: Path, *overrides: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """20 steps on 2 DDP ranks (read by the DDP rehearsal and the FSDP == DDP tests)."""
+def ddp_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A multirun of two 20-step points on 2 DDP ranks each: seed 1337 (the single runs' seed, read by
+    the DDP rehearsal and the FSDP == DDP tests) and seed 1."""
     root = tmp_path_factory.mktemp("ddp")
-    train(root / "run", root / "cache", "trainer=ddp_cpu", "trainer.max_steps=20")
-    return root / "run"
+    env = {**os.environ, "LLMKIT_DATA_DIR": str(root / "cache")}
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", f"hydra.sweep.dir={root / 'sweep'}", *FAST,
+           "trainer=ddp_cpu", "trainer.max_steps=20", "seed=1337,1"]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "sweep"
+
+
+@pytest.fixture(scope="module")
+def ddp_run(ddp_sweep: Path) -> Path:
+    return ddp_sweep / "0"
 
 
 @pytest.fixture(scope="module")
@@ -159,13 +169,12 @@ def test_resume_with_other_data_fails_clearly_and_keeps_the_checkpoint(tmp_path:
     assert ckpt.read_bytes() == before
 
 
-def test_gpu_trainer_on_cpu_machine_stops_before_any_work(tmp_path: Path, capsys) -> None:
+def test_gpu_trainer_on_cpu_machine_stops_before_any_work(tmp_path: Path) -> None:
     if torch.cuda.device_count() >= 8:
         pytest.skip("this machine has 8 GPUs")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match=r"trainer=fsdp_8gpu needs 8 CUDA GPU\(s\) per node"):
         llmkit(["train", f"hydra.run.dir={tmp_path / 'run'}", f"paths.data_dir={tmp_path / 'cache'}", "model=gqa_rope",
                 "trainer=fsdp_8gpu"])
-    assert "trainer=fsdp_8gpu needs 8 CUDA GPU(s) per node" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists(), "no data may be prepared before the hardware check"
 
 
@@ -180,7 +189,7 @@ def test_two_process_ddp_rehearsal_on_cpu(ddp_run: Path, tmp_path: Path) -> None
     assert torch.load(last, weights_only=True)["LMDataModule"]["samples_consumed"] == 20 * 2 * 16
 
     # resumed on one rank: the global sample count goes on from where the two ranks stopped
-    train_here(tmp_path / "one", ddp_run.parent / "cache", "trainer.max_steps=30", f"ckpt_path={last}")
+    train_here(tmp_path / "one", ddp_run.parent.parent / "cache", "trainer.max_steps=30", f"ckpt_path={last}")
     state = torch.load(tmp_path / "one" / "checkpoints" / "last.ckpt", weights_only=True)["LMDataModule"]
     assert state["samples_consumed"] == 20 * 2 * 16 + 10 * 16 and state["global_step"] == 30
 
@@ -299,20 +308,13 @@ def test_fsdp_and_ddp_on_two_processes_train_the_same_model(fsdp_run: Path, ddp_
 
 
 @pytest.mark.slow
-def test_ddp_inside_a_hydra_multirun(tmp_path: Path) -> None:
+def test_ddp_inside_a_hydra_multirun(ddp_sweep: Path) -> None:
     """Each sweep point starts its own 2 DDP ranks, and no rank restarts the sweep."""
-    env = {**os.environ, "LLMKIT_DATA_DIR": str(tmp_path / "cache")}
-    cmd = [
-        sys.executable, str(ROOT / "train.py"), "-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", *FAST,
-        "trainer=ddp_cpu", "trainer.max_steps=10", "seed=1,2",
-    ]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    points = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    points = sorted(p for p in ddp_sweep.iterdir() if p.is_dir())
     assert [p.name for p in points] == ["0", "1"], "a rank that re-ran the sweep would add directories"
     seeds = [json.loads((p / "summary.json").read_text())["config"]["seed"] for p in points]
-    assert seeds == [1, 2]
-    assert all(json.loads((p / "summary.json").read_text())["tokens_seen"] == 10 * 16 * 64 * 2 for p in points)
+    assert seeds == [1337, 1]
+    assert all(json.loads((p / "summary.json").read_text())["tokens_seen"] == 20 * 16 * 64 * 2 for p in points)
 
 
 @pytest.mark.slow

@@ -9,6 +9,11 @@ from llmkit.commands import CONFIG_PATH
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> None:
+    from llmkit.hardware import HardwareError
+    from llmkit.plan import PlanError
     from llmkit.train import run  # imported here so --help and --cfg stay fast
 
-    run(cfg)
+    try:
+        run(cfg)
+    except (HardwareError, PlanError) as refusal:  # said before any work: the message is the whole story
+        raise SystemExit(f"llmkit train: {refusal}") from None

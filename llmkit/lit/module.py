@@ -13,9 +13,10 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
-from llmkit.distributed import apply_activation_checkpointing, apply_compile, apply_fsdp
+from llmkit.distributed import apply_compile, apply_fsdp
 from llmkit.lit.optim import OPTIMIZERS, SCHEDULES
 from llmkit.model import ModelConfig, Transformer
+from llmkit.recompute import apply_activation_checkpointing
 
 
 class LitLM(L.LightningModule):

@@ -63,7 +63,7 @@ class SoftmaxRouter(nn.Module):
         return scores  # a softmax already sums to 1
 
     def forward(self, x: Tensor) -> Routing:
-        with torch.autocast(x.device.type, enabled=False):  # routing decisions in fp32 (Switch, section 2.4)
+        with torch.autocast(_autocast_device(x), enabled=False):  # routing decisions in fp32 (Switch, section 2.4)
             logits = F.linear(x.float(), self.proj.weight.float())  # (N, E)
         scores = self.affinity(logits)  # (N, E)
         top, experts = scores.topk(self.top_k, dim=-1)  # (N, k)
@@ -81,6 +81,11 @@ class SigmoidRouter(SoftmaxRouter):
 
     def distribution(self, scores: Tensor) -> Tensor:
         return scores / scores.sum(dim=-1, keepdim=True)
+
+
+def _autocast_device(x: Tensor) -> str:
+    """autocast knows no meta device, on which llmkit/plan.py traces the model: never enabled there."""
+    return "cpu" if x.device.type == "meta" else x.device.type
 
 
 # ---- experts ----------------------------------------------------------------------------------------
@@ -115,8 +120,8 @@ def _grouped_mm_applies(x: Tensor, w: Tensor) -> bool:
 def grouped_matmul(x: Tensor, w: Tensor, counts: Tensor, bias: Tensor | None = None) -> Tensor:
     """x (M, I), rows sorted by group with counts[g] rows in group g; w (G, I, O) -> (M, O): each
     group's rows times its own matrix. One grouped matmul where torch has one, else a matmul per group."""
-    if torch.is_autocast_enabled(x.device.type):  # autocast does not cover grouped_mm: cast as it would
-        dtype = torch.get_autocast_dtype(x.device.type)
+    if torch.is_autocast_enabled(_autocast_device(x)):  # autocast does not cover grouped_mm: cast as it would
+        dtype = torch.get_autocast_dtype(_autocast_device(x))
         x, w, bias = x.to(dtype), w.to(dtype), None if bias is None else bias.to(dtype)
     if _grouped_mm_applies(x, w):
         y = _GROUPED_MM(x, w, offs=counts.cumsum(0).to(torch.int32))

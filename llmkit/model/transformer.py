@@ -120,10 +120,13 @@ class Transformer(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token: 6 per weight used in a matmul (forward + backward) plus the
-        attention scores and weighted sum, 12 * layers * d_model * seq_len (PaLM, appendix B)."""
+        attention scores and weighted sum, 12 * layers * d_model * keys (PaLM, appendix B), where
+        keys is seq_len, or the window when that is shorter (llmkit/plan.py reports both)."""
         lookups = sum(p.numel() for p in self.position.parameters())
         if not self.cfg.tie_embeddings:
             lookups += self.tok_emb.weight.numel()
         inactive = sum(m.inactive_params() for m in self.modules() if hasattr(m, "inactive_params"))  # MoE experts
         matmul_params = self.num_params() - lookups - inactive
-        return 6 * matmul_params + 12 * self.cfg.n_layers * self.cfg.d_model * seq_len
+        window = self.cfg.attention.get("window")
+        keys = min(seq_len, window) if window else seq_len
+        return 6 * matmul_params + 12 * self.cfg.n_layers * self.cfg.d_model * keys

@@ -1,27 +1,20 @@
-"""`llmkit export` and `llmkit import` on a checkpoint with a sentencepiece tokenizer:
+"""`llmkit export` and `llmkit import` (in this process) on a checkpoint with a sentencepiece tokenizer:
 transformers reads model and tokenizer (same logits, same ids), and the imported checkpoint is the original."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from llmkit.checkpoint import load_checkpoint
+from llmkit.cli import main as llmkit
 from llmkit.data.tokenizer import SentencePieceTokenizer
 from tests.model.helpers import tiny_model
 
 transformers = pytest.importorskip("transformers")
-LLMKIT = str(Path(sys.executable).parent / "llmkit")  # the console script installed with the package
 TEXT = "def main():\n    return 1\n\nclass Point:\n    x: int = 0\n\n" * 20 + "The quick brown fox, 3 times.\n\n"
-
-
-def _run(subcommand: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([LLMKIT, subcommand, *args], capture_output=True,
-                          text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +32,7 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_export_then_import_scripts(ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "hf"
-    result = _run("export", f"ckpt={ckpt}", f"out={out}")
-    assert result.returncode == 0, result.stderr
+    llmkit(["export", f"ckpt={ckpt}", f"out={out}"])  # in this process; tests/test_cli.py runs the console script
     loaded = load_checkpoint(ckpt)
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
@@ -53,8 +45,7 @@ def test_export_then_import_scripts(ckpt: Path, tmp_path: Path) -> None:
         torch.testing.assert_close(hf(ids).logits, loaded.model(ids), rtol=1e-5, atol=1e-5)
 
     back_path = tmp_path / "imported.ckpt"
-    result = _run("import", f"hf={out}", f"out={back_path}")
-    assert result.returncode == 0, result.stderr
+    llmkit(["import", f"hf={out}", f"out={back_path}"])
     back = load_checkpoint(back_path)
     assert back.model.cfg == loaded.model.cfg and back.tokenizer.fingerprint == loaded.tokenizer.fingerprint
     for (name, a), (_, b) in zip(loaded.model.state_dict().items(), back.model.state_dict().items(), strict=True):
@@ -66,7 +57,7 @@ def test_unexportable_checkpoint_fails_with_the_part(tmp_path: Path) -> None:
     path = tmp_path / "post_ln.ckpt"
     torch.save({"model_config": model.cfg.to_dict(),
                 "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
-    result = _run("export", f"ckpt={path}", f"out={tmp_path / 'hf'}")
-    assert result.returncode != 0
-    assert "block=post_ln has no Hugging Face equivalent" in result.stderr and "position=alibi" in result.stderr
+    with pytest.raises(SystemExit) as stop:
+        llmkit(["export", f"ckpt={path}", f"out={tmp_path / 'hf'}"])
+    assert "block=post_ln has no Hugging Face equivalent" in str(stop.value.code) and "position=alibi" in str(stop.value.code)
     assert not (tmp_path / "hf").exists()

@@ -276,7 +276,7 @@ def test_a_tiny_moe_model_learns_a_fixed_batch() -> None:
 
 
 def test_activation_checkpointing_recomputes_the_same_routing_losses_and_gradients() -> None:
-    from llmkit.distributed import apply_activation_checkpointing
+    from llmkit.recompute import apply_activation_checkpointing
 
     ffn = {"name": "moe", "n_experts": 4, "top_k": 2, "capacity_factor": 1.0}
     plain, checkpointed = tiny_model(ffn=ffn).train(), tiny_model(ffn=ffn).train()

@@ -1,0 +1,215 @@
+"""llmkit/plan.py against what torch measures: parameters, FLOPs, optimizer state, activations, KV cache;
+Chinchilla sizing; `llmkit plan` and the pre-flight check of `llmkit train`."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
+
+from llmkit import plan as planner
+from llmkit.cli import main as llmkit
+from llmkit.generation.decode import CachedDecoder
+from llmkit.model import ModelConfig, Transformer
+from llmkit.recompute import apply_activation_checkpointing
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+GROUPS = ("block", "norm", "position", "attention", "ffn")
+OPTIONS = {g: [OmegaConf.to_container(OmegaConf.load(p)) for p in sorted((CONF / g).glob("*.yaml"))] for g in GROUPS}
+
+
+def config(**overrides: object) -> ModelConfig:
+    values = dict(vocab_size=61, d_model=32, n_layers=2, n_heads=4, max_seq_len=32)
+    return ModelConfig(**{**values, **overrides})
+
+
+def setup(cfg: ModelConfig, batch: int = 2, seq_len: int = 32, **options: object) -> planner.Setup:
+    return planner.Setup(model=cfg, batch_size=batch, seq_len=seq_len, **options)
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_parameter_count_is_the_built_models_for_every_registry_combination(tie: bool) -> None:
+    for combo in itertools.product(*(OPTIONS[g] for g in GROUPS)):
+        cfg = config(tie_embeddings=tie, **dict(zip(GROUPS, combo, strict=True)))
+        plan = planner.make_plan(setup(cfg))
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        assert plan.total_params == sum(p.numel() for p in model.parameters()), combo
+        assert sum(plan.params.values()) == plan.total_params
+        inactive = sum(m.inactive_params() for m in model.modules() if hasattr(m, "inactive_params"))
+        assert plan.active_params == plan.total_params - inactive
+
+
+def test_nanogpt_gpt2_small_has_124_337_664_parameters() -> None:
+    # nanoGPT's GPT-2 small: 12 x 768, 12 heads, 1024 positions, GPT-2's 50257 tokens, tied, bias=False
+    cfg = config(vocab_size=50257, d_model=768, n_layers=12, n_heads=12, max_seq_len=1024, bias=False)
+    assert planner.make_plan(setup(cfg, batch=1, seq_len=8)).total_params == 124_337_664
+
+
+@pytest.mark.parametrize(("name", "attention", "ffn"), [
+    ("mha", {"name": "causal"}, {"name": "mlp"}),
+    ("gqa", {"name": "causal", "n_kv_heads": 2}, {"name": "swiglu"}),
+    ("window", {"name": "causal", "window": 16}, {"name": "mlp"}),
+    ("moe", {"name": "causal"}, {"name": "moe", "n_experts": 4, "top_k": 2, "expert": "mlp"}),
+])
+def test_flops_are_within_5_percent_of_torchs_flop_counter(name: str, attention: dict, ffn: dict) -> None:
+    cfg = config(d_model=64, n_layers=2, n_heads=4, max_seq_len=64, attention=attention, ffn=ffn, position={"name": "rope"})
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, 64))
+    with FlopCounterMode(display=False) as counter:
+        model.loss(idx, idx).loss.backward()
+    counted = counter.get_total_flops() / idx.numel()
+    plan = planner.make_plan(setup(cfg, seq_len=64))
+    # the counter sees what the kernel runs: a window passed as a mask still computes every score
+    assert plan.executed_flops_per_token == pytest.approx(counted, rel=0.05)
+    if name == "window":
+        assert plan.flops_per_token < plan.executed_flops_per_token  # MFU counts the window's work only
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+@pytest.mark.parametrize("ffn", ["mlp", "moe"])
+def test_gradient_and_optimizer_bytes_are_what_one_adamw_step_allocates(fused: bool, ffn: str) -> None:
+    cfg = config(ffn={"name": ffn})
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused, foreach=None if fused else True)
+    idx = torch.randint(0, cfg.vocab_size, (2, 32))
+    model.loss(idx, idx).loss.backward()
+    optimizer.step()
+    grads = sum(p.grad.nbytes for p in model.parameters())
+    states = sum(t.nbytes for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
+    memory = planner.make_plan(setup(cfg)).memory
+    assert memory["gradients"] == grads
+    assert memory["optimizer"] == states
+    assert memory["weights"] == sum(p.nbytes for p in model.parameters())
+
+
+def measured_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, checkpointing: str) -> int:
+    """Bytes a real CPU training step keeps: autograd's saved tensors (one count per storage, weights
+    excluded) plus the inputs that checkpointed blocks keep for their recomputation."""
+    torch.manual_seed(0)
+    model = Transformer(cfg).train()
+    apply_activation_checkpointing(model, checkpointing)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in weights:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    for block in model.blocks:
+        if type(block).__name__ == "CheckpointWrapper":
+            block.register_forward_pre_hook(lambda module, args: pack(args[0]) and None)
+    idx = torch.randint(0, cfg.vocab_size, (batch, seq_len))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model.loss(idx, idx).loss
+    loss.backward()
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "selective", "full"])
+@pytest.mark.parametrize(("name", "overrides"), [
+    ("gpt", {}),
+    ("llama", {"norm": {"name": "rmsnorm"}, "position": {"name": "rope"}, "ffn": {"name": "swiglu"},
+               "attention": {"name": "causal", "n_kv_heads": 2}}),
+    ("alibi_window", {"position": {"name": "alibi"}, "attention": {"name": "causal", "window": 16}}),
+    ("eager_t5", {"position": {"name": "t5"}, "attention": {"name": "causal", "kernel": "eager"}}),
+    ("moe", {"ffn": {"name": "moe", "n_experts": 4, "top_k": 2, "expert": "swiglu"}}),
+])
+def test_activation_estimate_is_within_10_percent_of_what_a_step_keeps(name: str, overrides: dict, checkpointing: str) -> None:
+    cfg = config(d_model=64, n_layers=4, n_heads=4, max_seq_len=64, **overrides)
+    measured = measured_activation_bytes(cfg, 4, 64, checkpointing)
+    estimate = planner.make_plan(setup(cfg, batch=4, seq_len=64, checkpointing=checkpointing)).memory["activations"]
+    assert estimate == pytest.approx(measured, rel=0.10), (estimate, measured)
+
+
+def test_eager_scores_grow_with_the_square_of_the_context_and_fused_kernels_keep_none() -> None:
+    eager = config(max_seq_len=256, attention={"name": "causal", "kernel": "eager"})
+    short, long = (planner.make_plan(setup(eager, seq_len=t)).scores_bytes for t in (128, 256))
+    assert short > 0 and long == 4 * short
+    assert short == 2 * 4 * 2 * 128 * 128 * 4  # layers x (B, H, T, T) float32
+    fused = planner.make_plan(setup(config(max_seq_len=256), seq_len=256))
+    assert fused.scores_bytes == 0 and not fused.kernel_keeps_scores
+
+
+@pytest.mark.parametrize("attention", [{"name": "causal"}, {"name": "causal", "n_kv_heads": 1},
+                                       {"name": "causal", "window": 24}], ids=["mha", "gqa", "window"])
+def test_kv_cache_estimate_is_the_bytes_generation_allocates(attention: dict) -> None:
+    cfg = config(max_seq_len=64, attention=attention, position={"name": "rope"})
+    model = Transformer(cfg).eval()
+    decoder = CachedDecoder(model)
+    with torch.no_grad():
+        decoder.prefill([list(range(1, 41))] * 3)  # 3 sequences of 40 tokens
+    allocated = sum(t.nbytes for d in (decoder.cache.keys, decoder.cache.values) for t in d.values())
+    assert planner.kv_cache_bytes(cfg, context=40, batch=3) == allocated
+
+
+def test_chinchilla_reproduces_nanogpts_scaling_laws_notebook() -> None:
+    # nanoGPT's scaling_laws.ipynb, Approach 3: for C = 2.21e19 FLOPs, a grid of N (10^7..10^11,
+    # 16 points a decade) with D = C / 6N has its lowest loss at ~316M parameters and 11.65B tokens
+    c = 2.21e19
+    ns = 10 ** np.arange(7, 11, 2**-4)
+    losses = [planner.chinchilla_loss(n, c / (6 * n)) for n in ns]
+    best = ns[int(np.argmin(losses))]
+    assert best == pytest.approx(316e6, rel=0.01) and c / (6 * best) == pytest.approx(11.65e9, rel=0.01)
+    n, d = planner.compute_optimal(c)  # the exact minimum lies within one grid step (10^(1/16) = 1.155x)
+    assert best / 1.155 < n < best * 1.155 and 6 * n * d == pytest.approx(c)
+    assert planner.chinchilla_loss(n, d) <= min(losses)
+
+
+def test_plan_command_prints_the_table_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "plan.json"
+    llmkit(["plan", "model=gqa_rope", "plan.budget=1e18", f"out={out}"])
+    text = capsys.readouterr().out
+    assert "parameters:" in text and "memory per rank" in text and "compute-optimal" in text
+    report = json.loads(out.read_text())
+    assert report["total_params"] == sum(report["params"].values())
+    assert report["total_memory"] == sum(report["memory"].values()) and report["compute_optimal"]["params"] > 0
+
+
+@pytest.mark.parametrize(("preset", "trainer"), [("tiny", "cpu"), ("tiny", "ddp_cpu"), ("tiny", "fsdp_cpu"),
+                                                 ("gpt2", "gpu"), ("gqa_rope", "fsdp_8gpu"), ("gqa_rope_350m", "gpu"),
+                                                 ("gqa_rope_1b", "gpu"), ("gqa_rope_moe", "gpu")])
+def test_every_shipped_preset_fits_its_intended_trainer(preset: str, trainer: str) -> None:
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="llmkit.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[f"model={preset}", f"trainer={trainer}"])
+    s = planner.setup_from_config(cfg)
+    plan = planner.with_runtime(planner.make_plan(s), s)
+    limit = 80 * 2**30 if s.accelerator == "gpu" else planner.available_memory(s)[0]  # an 80 GB GPU
+    assert plan.total_memory < limit, planner.describe(plan, s)
+
+
+def test_preflight_refuses_a_context_that_cannot_fit_and_names_what_would(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as stop:
+        llmkit(["train", "data.seq_len=100000", "model.attention.kernel=eager", f"hydra.run.dir={tmp_path / 'run'}",
+                f"paths.data_dir={tmp_path / 'cache'}"])
+    message = str(stop.value.code)
+    assert "pre-flight" in message and "attention scores (B, H, T, T)" in message
+    assert "these changes would fit" in message and "data.seq_len=" in message
+    assert not (tmp_path / "cache").exists(), "refused before any data was prepared"
+
+
+def test_preflight_warn_and_off_let_the_run_decide(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="llmkit.conf", version_base="1.3"):
+        cfg = compose("train", overrides=["data.seq_len=100000"])
+    with pytest.raises(planner.PlanError):
+        planner.preflight(cfg)
+    cfg.preflight = "warn"
+    assert planner.preflight(cfg).total_memory > planner.available_memory(planner.setup_from_config(cfg))[0]
+    cfg.preflight = "off"
+    assert planner.preflight(cfg) is None
+    cfg.preflight = "maybe"
+    with pytest.raises(ValueError, match="valid values are error, warn, off"):
+        planner.preflight(cfg)
