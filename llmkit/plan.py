@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -140,11 +140,20 @@ def _shard_numel(p: Tensor, ranks: int) -> int:
 
 
 def kernel_keeps_scores(cfg: ModelConfig, accelerator: str) -> bool:
+    """Whether the attention kernel keeps the (B, H, T, S) probabilities for backward. sdpa on the
+    CPU takes its flash kernel for causal attention and boolean masks, and its math kernel for a
+    float bias (ALiBi, T5) or dropout (DESIGN.md, section 5); on a GPU the memory-efficient kernel
+    takes a bias too."""
     kernel = cfg.attention.get("kernel", "sdpa")
     if kernel == "eager":
         return True
-    # sdpa on the CPU falls back to its math kernel when dropout is on (DESIGN.md, section 5)
-    return kernel == "sdpa" and accelerator == "cpu" and cfg.dropout > 0
+    return kernel == "sdpa" and accelerator == "cpu" and (cfg.dropout > 0 or _has_bias(cfg))
+
+
+def _has_bias(cfg: ModelConfig) -> bool:
+    position = meta_model(replace(cfg, n_layers=1)).position
+    pos = torch.arange(2, device="meta")
+    return position.context(pos, pos).bias is not None
 
 
 class _FusedAttention(torch.autograd.Function):
@@ -191,24 +200,55 @@ def activation_bytes(setup: Setup) -> tuple[int, int]:
     apply_activation_checkpointing(model, setup.checkpointing)
     params = {p.untyped_storage()._cdata for p in model.parameters()}
     sizes: dict[int, int] = {}  # bytes of each storage autograd keeps (views of one storage count once)
+    heads_scores = setup.batch_size * cfg.n_heads * setup.seq_len**2
     scores: set[int] = set()
 
     def pack(t: Tensor) -> Tensor:
         key = t.untyped_storage()._cdata
         if key not in params:
             sizes[key] = t.untyped_storage().nbytes()
-            if t.dim() >= 3 and t.shape[-2:] == (setup.seq_len, setup.seq_len):  # (B, H, T, S) or (B*H, T, S)
+            if t.shape[-2:] == (setup.seq_len, setup.seq_len) and t.numel() == heads_scores:  # (B, H, T, S)
                 scores.add(key)
         return t
 
     handles = _keep_checkpointed_inputs(model, pack)
     idx = torch.zeros(setup.batch_size, setup.seq_len, dtype=torch.long, device="meta")
     fused = not kernel_keeps_scores(cfg, setup.accelerator) and cfg.attention.get("kernel", "sdpa") == "sdpa"
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), (_fused_sdpa() if fused else contextlib.nullcontext()):
-        model.loss(idx, idx)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _meta_moe(model):
+        with _fused_sdpa() if fused else contextlib.nullcontext():
+            model.loss(idx, idx)
     for handle in handles:
         handle.remove()
     return sum(sizes.values()), sum(sizes[k] for k in scores)
+
+
+@contextlib.contextmanager
+def _meta_moe(model: Transformer):
+    """MoE routing is data-dependent (bincount, split sizes), which meta tensors cannot run: route as if
+    balanced and dropless (an upper bound under a capacity factor), with the same tensors kept."""
+    from llmkit.model import moe
+
+    layers = [m for m in model.modules() if isinstance(m, moe.MoE)]
+    if not layers:
+        yield
+        return
+    real_grouped, real_bincount = moe.grouped_matmul, torch.bincount
+    capacities = [m.capacity_factor for m in layers]
+
+    def grouped(x: Tensor, w: Tensor, counts: Tensor, bias: Tensor | None = None) -> Tensor:
+        y = x @ w[0]  # keeps x, as the per-expert matmuls keep their slices of it
+        return y if bias is None else y + bias[0]
+
+    moe.grouped_matmul = grouped
+    torch.bincount = lambda x, weights=None, minlength=0: torch.empty(minlength, dtype=torch.long, device=x.device)
+    for m in layers:
+        m.capacity_factor = None
+    try:
+        yield
+    finally:
+        moe.grouped_matmul, torch.bincount = real_grouped, real_bincount
+        for m, capacity in zip(layers, capacities, strict=True):
+            m.capacity_factor = capacity
 
 
 def _keep_checkpointed_inputs(model: Transformer, pack) -> list[Any]:
@@ -229,6 +269,12 @@ def kv_cache_bytes(cfg: ModelConfig, context: int, batch: int = 1, dtype_bytes: 
 
 
 # ---- the plan ---------------------------------------------------------------------------------------
+
+
+def parameter_counts(cfg: ModelConfig) -> tuple[dict[str, int], int, int]:
+    """(parameters per component, total, active per token), from the model built on the meta device."""
+    model = meta_model(cfg)
+    return component_params(model), model.num_params(), active_params(model)
 
 
 def make_plan(setup: Setup) -> Plan:
@@ -349,7 +395,8 @@ def fitting_changes(setup: Setup, limit: int) -> list[tuple[str, int]]:
     contexts, seq_len = [], setup.seq_len
     while seq_len > 64:
         seq_len //= 2
-        contexts.append((f"data.seq_len={seq_len}", replace(setup, seq_len=seq_len, model=replace(setup.model, max_seq_len=seq_len))))
+        shorter = replace(setup, seq_len=seq_len, model=replace(setup.model, max_seq_len=seq_len))
+        contexts.append((f"data.seq_len={seq_len}", shorter))
     kinds = [batches, contexts]
     if setup.checkpointing != "full":
         kinds.insert(1, [("activation_checkpointing=full", replace(setup, checkpointing="full"))])

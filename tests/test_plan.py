@@ -33,17 +33,16 @@ def setup(cfg: ModelConfig, batch: int = 2, seq_len: int = 32, **options: object
     return planner.Setup(model=cfg, batch_size=batch, seq_len=seq_len, **options)
 
 
-@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
-def test_parameter_count_is_the_built_models_for_every_registry_combination(tie: bool) -> None:
-    for combo in itertools.product(*(OPTIONS[g] for g in GROUPS)):
-        cfg = config(tie_embeddings=tie, **dict(zip(GROUPS, combo, strict=True)))
-        plan = planner.make_plan(setup(cfg))
+def test_parameter_count_is_the_built_models_for_every_registry_combination() -> None:
+    for i, combo in enumerate(itertools.product(*(OPTIONS[g] for g in GROUPS))):
+        cfg = config(tie_embeddings=i % 2 == 0, **dict(zip(GROUPS, combo, strict=True)))
+        params, total, active = planner.parameter_counts(cfg)
         torch.manual_seed(0)
         model = Transformer(cfg)
-        assert plan.total_params == sum(p.numel() for p in model.parameters()), combo
-        assert sum(plan.params.values()) == plan.total_params
+        assert total == sum(p.numel() for p in model.parameters()), combo
+        assert sum(params.values()) == total
         inactive = sum(m.inactive_params() for m in model.modules() if hasattr(m, "inactive_params"))
-        assert plan.active_params == plan.total_params - inactive
+        assert active == total - inactive
 
 
 def test_nanogpt_gpt2_small_has_124_337_664_parameters() -> None:
@@ -58,7 +57,12 @@ def test_nanogpt_gpt2_small_has_124_337_664_parameters() -> None:
     ("window", {"name": "causal", "window": 16}, {"name": "mlp"}),
     ("moe", {"name": "causal"}, {"name": "moe", "n_experts": 4, "top_k": 2, "expert": "mlp"}),
 ])
-def test_flops_are_within_5_percent_of_torchs_flop_counter(name: str, attention: dict, ffn: dict) -> None:
+def test_flops_are_within_5_percent_of_torchs_flop_counter(name: str, attention: dict, ffn: dict, monkeypatch) -> None:
+    import llmkit.model.moe as moe_module
+
+    monkeypatch.setattr(moe_module, "_grouped_mm_applies", lambda x, w: False)  # the counter has no grouped_mm formula
+    # the eager kernel: torch's counter does not see the CPU's fused attention kernels
+    attention = {**attention, "kernel": "eager"}
     cfg = config(d_model=64, n_layers=2, n_heads=4, max_seq_len=64, attention=attention, ffn=ffn, position={"name": "rope"})
     torch.manual_seed(0)
     model = Transformer(cfg)
@@ -107,7 +111,7 @@ def measured_activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, checkp
 
     for block in model.blocks:
         if type(block).__name__ == "CheckpointWrapper":
-            block.register_forward_pre_hook(lambda module, args: pack(args[0]) and None)
+            block.register_forward_pre_hook(lambda module, args: [pack(args[0]), None][1])
     idx = torch.randint(0, cfg.vocab_size, (batch, seq_len))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model.loss(idx, idx).loss
@@ -132,11 +136,11 @@ def test_activation_estimate_is_within_10_percent_of_what_a_step_keeps(name: str
 
 
 def test_eager_scores_grow_with_the_square_of_the_context_and_fused_kernels_keep_none() -> None:
-    eager = config(max_seq_len=256, attention={"name": "causal", "kernel": "eager"})
-    short, long = (planner.make_plan(setup(eager, seq_len=t)).scores_bytes for t in (128, 256))
+    eager = config(max_seq_len=200, attention={"name": "causal", "kernel": "eager"})
+    short, long = (planner.make_plan(setup(eager, seq_len=t)).scores_bytes for t in (100, 200))
     assert short > 0 and long == 4 * short
-    assert short == 2 * 4 * 2 * 128 * 128 * 4  # layers x (B, H, T, T) float32
-    fused = planner.make_plan(setup(config(max_seq_len=256), seq_len=256))
+    assert short == 2 * 2 * 4 * 100 * 100 * 4  # layers x (B, H, T, T) float32
+    fused = planner.make_plan(setup(config(max_seq_len=200), seq_len=200))
     assert fused.scores_bytes == 0 and not fused.kernel_keeps_scores
 
 
