@@ -101,7 +101,8 @@ def test_lm_eval_command_with_a_local_task(tmp_path: Path, monkeypatch, capsys) 
     for key, value in {"HF_HOME": str(tmp_path / "hf_home"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(tmp_path)
-    llmkit(["lm-eval", f"ckpt={ckpt}", "tasks=llmkit_local_mc", "device=cpu", f"include_path={tasks}", "out=results.json"])
+    llmkit(["lm-eval", f"ckpt={ckpt}", "tasks=llmkit_local_mc", "device=cpu", f"include_path={tasks}", "builtin_tasks=false",
+            "out=results.json"])
     assert "llmkit_local_mc" in capsys.readouterr().out  # lm_eval's table
     acc = json.loads((tmp_path / "results.json").read_text())["results"]["llmkit_local_mc"]["acc,none"]
     correct = 0

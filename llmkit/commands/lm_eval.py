@@ -27,7 +27,8 @@ def main(cfg: DictConfig) -> None:
     model = LLMKitLM(ckpt=cfg.ckpt, hf=cfg.hf, device=pick_device(cfg.device), batch_size=cfg.batch_size,
                      max_length=cfg.max_length)
     tasks = [str(t) for t in as_list(cfg.tasks)]
-    manager = TaskManager(include_path=str(Path(cfg.include_path).expanduser()) if cfg.include_path else None)
+    include = str(Path(cfg.include_path).expanduser()) if cfg.include_path else None
+    manager = TaskManager(include_path=include, include_defaults=cfg.builtin_tasks or include is None)
     results = lm_eval.simple_evaluate(
         model=model, tasks=tasks, num_fewshot=cfg.num_fewshot, limit=cfg.limit, task_manager=manager,
         log_samples=False, random_seed=cfg.seed, numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,

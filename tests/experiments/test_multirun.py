@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,27 +20,15 @@ FAST = [
 ]
 
 
-def multirun(tmp_path: Path, *overrides: str) -> tuple[Path, subprocess.CompletedProcess]:
-    sweep = tmp_path / "sweep"
-    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_MODE")}
-    env.update(LLMKIT_DATA_DIR=str(tmp_path / "cache"), PYTHONHASHSEED="0", HOME=str(tmp_path))  # no ~/.netrc key
-    cmd = [sys.executable, str(ROOT / "train.py"), "-m", f"hydra.sweep.dir={sweep}", *FAST, *overrides]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return sweep, result
-
-
 def multirun_here(tmp_path: Path, *overrides: str) -> Path:
-    """The same sweep through the Hydra app in this process (no wandb: its service and key lookup stay out)."""
+    """A sweep through the Hydra app in this process, as `llmkit train -m` runs it (jobs one after another)."""
     sweep = tmp_path / "sweep"
     llmkit(["train", "-m", f"hydra.sweep.dir={sweep}", f"paths.data_dir={tmp_path / 'cache'}", *FAST, *overrides])
     return sweep
 
 
 def make_report(sweep: Path) -> Path:
-    result = subprocess.run([str(Path(sys.executable).parent / "llmkit"), "report", f"dir={sweep}"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    llmkit(["report", f"dir={sweep}"])
     return sweep / "report"
 
 
@@ -53,8 +38,12 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow
-def test_2x2_ablation_multirun_report_matches_runs_and_wandb_is_offline(tmp_path: Path) -> None:
-    sweep, _ = multirun(tmp_path, "ablation=attention", "model/attention=mha,gqa", "seed=1,2", "logger=[csv,tensorboard,wandb]")
+def test_2x2_ablation_multirun_report_matches_runs_and_wandb_is_offline(tmp_path: Path, monkeypatch) -> None:
+    for key in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc key: wandb must go offline by itself
+    sweep = multirun_here(tmp_path, "ablation=attention", "model/attention=mha,gqa", "seed=1,2",
+                          "logger=[csv,tensorboard,wandb]")
     names = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert names == ["0_attention=mha_seed=1", "1_attention=mha_seed=2", "2_attention=gqa_seed=1", "3_attention=gqa_seed=2"]
     summaries = {n: json.loads((sweep / n / "summary.json").read_text()) for n in names}
@@ -103,8 +92,7 @@ def test_a_failing_point_is_reported_and_the_sweep_goes_on(tmp_path: Path, capsy
     assert "n_kv_heads=3" in summaries[0]["error"] and summaries[0]["config"]["model"]["attention"]["n_kv_heads"] == 3
     assert "sweep point failed" in "".join(capsys.readouterr())
 
-    llmkit(["report", f"dir={sweep}"])
-    out = sweep / "report"
+    out = make_report(sweep)
     points = {p["model.attention.n_kv_heads"]: p for p in read_csv(out / "report.csv")}
     assert points["3"]["status"] == "failed" and points["3"]["final_val_loss_mean"] == ""
     for key, i in (("null", 1), ("2", 2)):
