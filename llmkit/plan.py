@@ -126,11 +126,11 @@ def state_bytes(model: Transformer, setup: Setup) -> dict[str, int]:
     elements = sum(_shard_numel(p, ranks) for p in model.parameters())
     trainable = sum(_shard_numel(p, ranks) for p in model.parameters() if p.requires_grad)
     tensors = sum(1 for p in model.parameters() if p.requires_grad)
-    return {
-        "weights": elements * size,
-        "gradients": trainable * size,
-        "optimizer": 2 * trainable * size + 4 * tensors,
-    }
+    states = {"weights": elements * size, "gradients": trainable * size, "optimizer": 2 * trainable * size + 4 * tensors}
+    if setup.sharded and ranks > 1:  # a block's full parameters while it computes, and the next one's prefetched
+        largest = max((sum(p.numel() for p in block.parameters()) for block in model.blocks), default=0)
+        states["fsdp_gathered"] = 2 * largest * size
+    return states
 
 
 def _shard_numel(p: Tensor, ranks: int) -> int:

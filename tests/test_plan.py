@@ -217,3 +217,17 @@ def test_preflight_warn_and_off_let_the_run_decide(monkeypatch: pytest.MonkeyPat
     cfg.preflight = "maybe"
     with pytest.raises(ValueError, match="valid values are error, warn, off"):
         planner.preflight(cfg)
+
+
+def test_fsdp_divides_weights_gradients_and_optimizer_by_the_ranks_and_holds_two_gathered_blocks() -> None:
+    cfg = config(d_model=64, n_layers=4, vocab_size=100)
+    plain = planner.make_plan(setup(cfg)).memory
+    sharded = planner.make_plan(setup(cfg, ranks=4, sharded=True)).memory
+    model = Transformer(cfg)
+    # FSDP2 shards every tensor along dim 0, padded to a multiple of the ranks: (ceil(rows / 4)) x columns
+    padded = sum(-(-p.shape[0] // 4) * (p.numel() // p.shape[0]) for p in model.parameters())
+    assert sharded["weights"] == padded * 4 and plain["weights"] / 4 <= sharded["weights"] < plain["weights"] / 3
+    assert sharded["gradients"] == sharded["weights"]
+    assert sharded["optimizer"] == 2 * sharded["weights"] + 4 * len(list(model.parameters()))
+    block = sum(p.numel() for p in model.blocks[0].parameters())
+    assert sharded["fsdp_gathered"] == 2 * block * 4 and "fsdp_gathered" not in plain
