@@ -32,6 +32,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "consolidate": Subcommand("consolidate", "consolidate", "merge a sharded (FSDP) checkpoint into one file"),
     "report": Subcommand("report", "report", "compare the runs of a multirun: table, seed spread, plots"),
     "plan": Subcommand("plan", "plan", "parameters, FLOPs, memory per rank, time and Chinchilla sizing of a run"),
+    "explore": Subcommand("explore", "explore", "an offline page of a model's attention, predictions and residual stream"),
 }
 
 

@@ -3,8 +3,11 @@ by side (for a GPU session).
 
 Each variant is one `python train.py` run of --steps steps on the same data; the table
 prints the steady-state step time, tokens/s, MFU (from summary.json: 6 x matmul parameters + attention
-FLOPs per token against trainer.peak_flops_per_device) and peak memory, and each variant's MFU ratio
-against the first. Validation is one small pass at the end so it does not dilute the figures.
+FLOPs per token against trainer.peak_flops_per_device), peak memory, `llmkit plan`'s estimate of it
+(weights, gradients, optimizer, activations; no runtime allowance) and their ratio, and each variant's
+MFU ratio against the first. On a GPU the peak is torch.cuda.max_memory_allocated; on the CPU (--smoke)
+it is the process's resident set, interpreter and libraries included. Validation is one small pass
+at the end so it does not dilute the figures.
 
   python scripts/bench_mfu.py                         # every variant on one GPU (issue: >= 45% MFU on an H100)
   python scripts/bench_mfu.py --only baseline,batch16 --steps 80
@@ -63,10 +66,22 @@ def run_variant(name: str, overrides: list[str], steps: int, out: Path, cache: P
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         return {"name": name, "error": last_error_line(result.stderr)}
-    return {"name": name, **json.loads((run_dir / "summary.json").read_text())}
+    return {"name": name, **json.loads((run_dir / "summary.json").read_text()), "plan_bytes": planned_bytes(overrides)}
 
 
-HEADER = f"{'variant':24s} {'params':>7} {'ms/step':>9} {'tokens/s':>11} {'MFU':>7} {'vs first':>9} {'peak GB':>8}"
+def planned_bytes(overrides: list[str]) -> int:
+    """llmkit plan's memory estimate for the variant, without the fixed runtime allowance."""
+    from hydra import compose, initialize_config_module
+
+    from llmkit import plan
+
+    with initialize_config_module(config_module="llmkit.conf", version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    return plan.make_plan(plan.setup_from_config(cfg)).total_memory
+
+
+HEADER = (f"{'variant':24s} {'params':>7} {'ms/step':>9} {'tokens/s':>11} {'MFU':>7} {'vs first':>9} {'peak GB':>8} "
+          f"{'plan GB':>8} {'plan/peak':>9}")
 
 
 def format_row(r: dict, first_mfu: float | None) -> str:
@@ -76,7 +91,8 @@ def format_row(r: dict, first_mfu: float | None) -> str:
         return f"{r['name']:24s} no steady-state steps measured: run more --steps"
     ratio = f"{r['mfu'] / first_mfu:8.2f}x" if first_mfu else f"{'':>9}"
     speed = f"{r['median_step_ms']:9.1f} {r['tokens_per_s']:11,.0f} {100 * r['mfu']:6.1f}%"
-    return f"{r['name']:24s} {r['params'] / 1e6:6.0f}M {speed} {ratio} {r['peak_memory_bytes'] / 1e9:8.1f}"
+    memory = f"{r['peak_memory_bytes'] / 1e9:8.2f} {r['plan_bytes'] / 1e9:8.2f} {r['plan_bytes'] / r['peak_memory_bytes']:8.2f}x"
+    return f"{r['name']:24s} {r['params'] / 1e6:6.0f}M {speed} {ratio} {memory}"
 
 
 def last_error_line(stderr: str) -> str:

@@ -20,8 +20,10 @@ def test_smoke_sweep_reports_mfu_per_variant(capsys, tmp_path: Path) -> None:
     assert all(0 < r["mfu"] < 1 and r["steps"] == 8 for r in rows)
     assert rows[0]["tokens_seen"] == 8 * 4 * 24  # --set reached the run: 8 steps x batch 4 x 24 tokens
     assert rows[1]["tokens_seen"] == 2 * rows[0]["tokens_seen"]  # batch 8 against batch 4
+    assert all(0 < r["plan_bytes"] < r["peak_memory_bytes"] for r in rows)  # the CPU peak includes the interpreter
+    assert rows[1]["plan_bytes"] > rows[0]["plan_bytes"], "a larger micro-batch keeps more activations"
     out = capsys.readouterr().out
-    assert "1.00x" in out and "batch8" in out
+    assert "1.00x" in out and "batch8" in out and "plan/peak" in out
     assert len([d for d in (tmp_path / "cache").iterdir() if d.is_dir()]) >= 1, "the prepared data stays for the next call"
 
 

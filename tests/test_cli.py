@@ -31,6 +31,7 @@ KEYS = {
     "consolidate": ("out", "outt=x.ckpt"),
     "report": ("wandb_project", "wandb_projet=p"),
     "plan": ("plan.mfu", "plan.mf=0.5"),
+    "explore": ("top_k", "topk=3"),
 }
 
 

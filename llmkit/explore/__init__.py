@@ -1,0 +1,1 @@
+"""The internals explorer: an instrumented forward (trace.py) rendered as one offline HTML page (page.py)."""
