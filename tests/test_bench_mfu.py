@@ -14,6 +14,7 @@ _spec.loader.exec_module(bench_mfu)
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_smoke_sweep_reports_mfu_per_variant(capsys, tmp_path: Path) -> None:
     rows = bench_mfu.main(["--smoke", "--steps", "8", "--cache", str(tmp_path / "cache"), "--set", "data.seq_len=24"])
     assert [r["name"] for r in rows] == ["baseline", "batch8"]

@@ -16,7 +16,7 @@ from tests.conftest import TINY_RUN
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.extended]  # a venv and a wheel: ~40 s; .ci/run runs it
 
 
 def _run(*cmd: str | Path, cwd: Path) -> subprocess.CompletedProcess:

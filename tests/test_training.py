@@ -289,22 +289,34 @@ def test_two_process_fsdp_rehearsal_on_cpu_writes_a_sharded_checkpoint(fsdp_run:
     assert loss == pytest.approx(summary["final_val_loss"], rel=1e-4)
 
 
+def first_steps(run_dir: Path, key: str, steps: int = 4) -> dict[int, float]:
+    return {step: value for step, value in metrics(run_dir, key).items() if step < steps}
+
+
 @pytest.mark.slow
-def test_fsdp_and_ddp_on_two_processes_train_the_same_model(fsdp_run: Path, ddp_run: Path, tmp_path: Path) -> None:
+def test_fsdp_and_ddp_on_two_processes_train_the_same_model(fsdp_run: Path, ddp_run: Path) -> None:
     """Sharding changes where the weights live, not the training: the same losses and the same
-    (whole-model, pre-clipping) gradient norm, which FSDP computes over its shards, also when blocks
-    keep their gathered parameters between forward and backward and two blocks form one unit (each
-    alone is checked in-process in test_distributed.py). Steps 1-4 are inside the warm-up, whose
-    learning rates do not depend on the run's length, so a 4-step run compares with the 20-step ones."""
+    (whole-model, pre-clipping) gradient norm, which FSDP computes over its shards."""
+    for key in ("train/loss", "train/grad_norm"):  # the first 4 steps: later, fp32 rounding differences grow past 1e-4
+        ddp = first_steps(ddp_run, key)
+        assert ddp.keys() == {0, 1, 2, 3}
+        assert first_steps(fsdp_run, key) == pytest.approx(ddp, rel=1e-4), key
+
+
+@pytest.mark.slow
+@pytest.mark.extended  # a third 2-rank run
+def test_fsdp_without_resharding_and_with_2_blocks_per_unit_trains_like_ddp(
+    fsdp_run: Path, ddp_run: Path, tmp_path: Path
+) -> None:
+    """Also when blocks keep their gathered parameters between forward and backward and two blocks
+    form one unit (each alone is checked in-process in test_distributed.py). Steps 1-4 are inside the
+    warm-up, whose learning rates do not depend on the run's length, so a 4-step run compares with the
+    20-step one."""
     variant = tmp_path / "fsdp_no_reshard_2_blocks_per_unit"
     train(variant, fsdp_run.parent / "cache", "trainer=fsdp_cpu", "trainer.strategy.reshard_after_forward=never",
           "trainer.strategy.blocks_per_unit=2", "trainer.max_steps=4", "trainer.val_check_interval=4")
     for key in ("train/loss", "train/grad_norm"):
-        ddp = {step: value for step, value in metrics(ddp_run, key).items() if step < 4}
-        assert ddp.keys() == {0, 1, 2, 3}
-        for run in (fsdp_run, variant):
-            fsdp = {step: value for step, value in metrics(run, key).items() if step < 4}
-            assert fsdp == pytest.approx(ddp, rel=1e-4), (run.name, key)
+        assert first_steps(variant, key) == pytest.approx(first_steps(ddp_run, key), rel=1e-4), key
 
 
 @pytest.mark.slow

@@ -154,7 +154,7 @@ def test_every_registry_combination_traces() -> None:
     from tests.test_plan import GROUPS, OPTIONS
 
     ids = TOK.encode(TEXT[:20])
-    for combo in itertools.islice(itertools.product(*(OPTIONS[g] for g in GROUPS)), 0, None, 7):
+    for combo in itertools.product(*(OPTIONS[g] for g in GROUPS)):
         m = model(**dict(zip(GROUPS, combo, strict=True)))
         t = trace(m, ids)
         with torch.no_grad():
