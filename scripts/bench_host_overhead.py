@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[tuple]]:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=50)
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # host dispatch cost, not parallel arithmetic
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # in-process: no port, no env
     try:
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[tuple]]:
         }
     finally:
         dist.destroy_process_group()
+        torch.set_num_threads(threads)  # a caller in this process (the tests) computes on its own threads again
     print_results(args, results)
     return results
 

@@ -48,8 +48,13 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _fixed_threads() -> None:
+def _fixed_threads():
+    """Seeded, and no test may leave another thread count behind: later runs in this process would sum
+    in another order than a fresh process and stop matching it bit for bit (it happened once)."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    yield
+    assert torch.get_num_threads() == threads, f"the test left torch at {torch.get_num_threads()} threads (was {threads})"
 
 
 @pytest.fixture(autouse=True)
