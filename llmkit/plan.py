@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -97,16 +98,13 @@ def active_params(model: Transformer) -> int:
     return model.num_params() - sum(m.inactive_params() for m in model.modules() if hasattr(m, "inactive_params"))
 
 
-def attention_span(cfg: ModelConfig, seq_len: int) -> int:
-    """Keys each query attends to, counted PaLM's way (the full context, not its causal half)."""
+def masked_keys(cfg: ModelConfig, seq_len: int) -> int:
+    """Keys per query outside the window that the kernel still scores: a mask (sdpa, eager) computes
+    every one, flex and xformers skip them."""
     window = cfg.attention.get("window")
-    return min(seq_len, window) if window else seq_len
-
-
-def executed_span(cfg: ModelConfig, seq_len: int) -> int:
-    """Keys the kernel computes scores for: masks (sdpa, eager) compute every one, flex and xformers skip windows."""
-    kernel = cfg.attention.get("kernel", "sdpa")
-    return attention_span(cfg, seq_len) if kernel in ("flex", "xformers") else seq_len
+    if not window or cfg.attention.get("kernel", "sdpa") in ("flex", "xformers"):
+        return 0
+    return max(0, seq_len - window)
 
 
 # ---- memory -----------------------------------------------------------------------------------------
@@ -139,21 +137,20 @@ def _shard_numel(p: Tensor, ranks: int) -> int:
     return math.ceil(p.shape[0] / ranks) * (p.numel() // p.shape[0])
 
 
-def kernel_keeps_scores(cfg: ModelConfig, accelerator: str) -> bool:
+def kernel_keeps_scores(model: Transformer, accelerator: str) -> bool:
     """Whether the attention kernel keeps the (B, H, T, S) probabilities for backward. sdpa on the
     CPU takes its flash kernel for causal attention and boolean masks, and its math kernel for a
     float bias (ALiBi, T5) or dropout (DESIGN.md, section 5); on a GPU the memory-efficient kernel
     takes a bias too."""
-    kernel = cfg.attention.get("kernel", "sdpa")
+    kernel = model.cfg.attention.get("kernel", "sdpa")
     if kernel == "eager":
         return True
-    return kernel == "sdpa" and accelerator == "cpu" and (cfg.dropout > 0 or _has_bias(cfg))
+    return kernel == "sdpa" and accelerator == "cpu" and (model.cfg.dropout > 0 or _has_bias(model))
 
 
-def _has_bias(cfg: ModelConfig) -> bool:
-    position = meta_model(replace(cfg, n_layers=1)).position
-    pos = torch.arange(2, device="meta")
-    return position.context(pos, pos).bias is not None
+def _has_bias(model: Transformer) -> bool:
+    pos = torch.arange(2, device=model.tok_emb.weight.device)
+    return model.position.context(pos, pos).bias is not None
 
 
 class _FusedAttention(torch.autograd.Function):
@@ -187,8 +184,9 @@ def _fused_sdpa():
         F.scaled_dot_product_attention = real
 
 
-def activation_bytes(setup: Setup) -> tuple[int, int]:
-    """(bytes a training step keeps for backward, of which the (B, H, T, S) scores), from a meta trace."""
+def activation_bytes(setup: Setup, keeps_scores: bool) -> tuple[int, int]:
+    """(bytes a training step keeps for backward, of which the (B, H, T, S) scores), from a meta trace of
+    its own meta model (checkpointing and the dtype change it). `keeps_scores`: see kernel_keeps_scores."""
     from llmkit.recompute import apply_activation_checkpointing
 
     cfg = setup.model
@@ -213,7 +211,7 @@ def activation_bytes(setup: Setup) -> tuple[int, int]:
 
     handles = _keep_checkpointed_inputs(model, pack)
     idx = torch.zeros(setup.batch_size, setup.seq_len, dtype=torch.long, device="meta")
-    fused = not kernel_keeps_scores(cfg, setup.accelerator) and cfg.attention.get("kernel", "sdpa") == "sdpa"
+    fused = not keeps_scores and cfg.attention.get("kernel", "sdpa") == "sdpa"
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _meta_moe(model):
         with _fused_sdpa() if fused else contextlib.nullcontext():
             model.loss(idx, idx)
@@ -280,20 +278,19 @@ def parameter_counts(cfg: ModelConfig) -> tuple[dict[str, int], int, int]:
 def make_plan(setup: Setup) -> Plan:
     model = meta_model(setup.model)
     cfg = setup.model
-    attention_term = 12 * cfg.n_layers * cfg.d_model
-    matmul = model.flops_per_token(0) // 6  # active weights used in matmuls (no lookups, no idle experts)
+    keeps_scores = kernel_keeps_scores(model, setup.accelerator)
     memory = state_bytes(model, setup)
-    activations, scores = activation_bytes(setup)
-    memory["activations"] = activations
+    memory["activations"], scores = activation_bytes(setup, keeps_scores)
+    flops = model.flops_per_token(setup.seq_len)  # what MFU counts: the window's keys only
     return Plan(
         params=component_params(model),
         total_params=model.num_params(),
         active_params=active_params(model),
-        flops_per_token=6 * matmul + attention_term * attention_span(cfg, setup.seq_len),
-        executed_flops_per_token=6 * matmul + attention_term * executed_span(cfg, setup.seq_len),
+        flops_per_token=flops,
+        executed_flops_per_token=flops + 12 * cfg.n_layers * cfg.d_model * masked_keys(cfg, setup.seq_len),
         memory=memory,
         scores_bytes=scores,
-        kernel_keeps_scores=kernel_keeps_scores(cfg, setup.accelerator),
+        kernel_keeps_scores=keeps_scores,
         tokens_per_step=setup.batch_size * setup.seq_len * setup.accumulate * setup.ranks,
         setup={k: v for k, v in asdict(setup).items() if k != "model"},
     )
@@ -376,8 +373,6 @@ def _meminfo(key: str) -> int:
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import os
-
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
@@ -385,7 +380,6 @@ def fitting_changes(setup: Setup, limit: int) -> list[tuple[str, int]]:
     """Changes to the run that bring the estimate under `limit` bytes, with their estimates: the
     largest micro-batch (with accumulation keeping the tokens per step), full activation
     checkpointing, sharding, the longest context; each kind tried on its own."""
-    from dataclasses import replace
 
     batches, batch, accumulate = [], setup.batch_size, setup.accumulate
     while batch > 1:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from llmkit.model import Transformer
-from llmkit.model.kernels import KERNELS
+from llmkit.model.kernels import eager_probabilities
 from llmkit.model.positions import PositionContext
 
 
@@ -29,25 +29,20 @@ class Trace:
     attention: Tensor  # (L, H, T, T) probabilities, rows sum to 1
     logits: Tensor  # (T, V)
     lens: Tensor  # (L, T, V) logit lens: each block's output through the final norm and the head
-    residual_norms: Tensor  # (L + 1, T): the embedding's and each block's output norm
+    residual_norms: Tensor  # (L + 1, T): norms of the residual stream into block 0 (embeddings + positions) and after each block
     routing: dict[int, dict[str, Tensor]] = field(default_factory=dict)  # layer -> experts, weights (T, k)
 
 
 class RecordingKernel:
-    """The eager kernel's math, keeping each call's (B, H, T, S) probabilities."""
+    """The eager kernel's math (no dropout: the model is evaluating), keeping each call's (B, H, T, S) probabilities."""
 
     def __init__(self) -> None:
         self.probs: Tensor | None = None
-        self.eager = KERNELS.get("eager")
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, ctx: PositionContext, window: int | None, dropout_p: float) -> Tensor:
-        from llmkit.model.kernels import additive_mask
-
-        groups = q.size(1) // k.size(1)
-        k_all = k.repeat_interleave(groups, dim=1)  # (B, H, S, D)
-        scores = (q @ k_all.transpose(-2, -1)) / q.size(-1) ** 0.5  # (B, H, T, S)
-        self.probs = torch.softmax((scores + additive_mask(ctx, window, scores.dtype)).float(), dim=-1)
-        return self.eager(q, k, v, ctx, window, 0.0)
+        probs = eager_probabilities(q, k, ctx, window)
+        self.probs = probs.float()
+        return probs @ v.repeat_interleave(q.size(1) // v.size(1), dim=1)
 
 
 @contextlib.contextmanager
@@ -74,8 +69,8 @@ def trace(model: Transformer, ids: list[int], decode: Any = None) -> Trace:
     idx = torch.tensor([ids], device=device)  # (1, T)
     outputs: list[Tensor] = []
     routing: dict[int, dict[str, Tensor]] = {}
-    hooks = [block.register_forward_hook(lambda m, args, out: outputs.append(out[0])) for block in model.blocks]
-    hooks.append(model.tok_emb.register_forward_hook(lambda m, args, out: outputs.insert(0, out[0])))
+    hooks = [model.blocks[0].register_forward_pre_hook(lambda m, args: outputs.append(args[0][0]))]  # the residual stream in
+    hooks += [block.register_forward_hook(lambda m, args, out: outputs.append(out[0])) for block in model.blocks]
     for layer, router in _routers(model):
         hooks.append(router.register_forward_hook(_keep_routing(routing, layer)))
     try:

@@ -66,17 +66,19 @@ def additive_mask(ctx: PositionContext, window: int | None, dtype: torch.dtype) 
     return mask if ctx.bias is None else ctx.bias.to(dtype) + mask
 
 
+def eager_probabilities(q: Tensor, k: Tensor, ctx: PositionContext, window: int | None) -> Tensor:
+    """(B, H, T, S) attention probabilities in q's dtype (the eager kernel's; llmkit/explore records them)."""
+    k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)  # (B, H, S, D)
+    scores = (q @ k.transpose(-2, -1)) / q.size(-1) ** 0.5  # (B, H, T, S)
+    scores = scores + additive_mask(ctx, window, scores.dtype)
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype)
+
+
 @KERNELS.register("eager")
 def eager_attention(q: Tensor, k: Tensor, v: Tensor, ctx: PositionContext, window: int | None, dropout_p: float) -> Tensor:
     """Reference kernel: materialises the (B, H, T, S) score matrix."""
-    groups = q.size(1) // k.size(1)
-    k = k.repeat_interleave(groups, dim=1)  # (B, H, S, D)
-    v = v.repeat_interleave(groups, dim=1)
-    scores = (q @ k.transpose(-2, -1)) / q.size(-1) ** 0.5  # (B, H, T, S)
-    scores = scores + additive_mask(ctx, window, scores.dtype)
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    probs = F.dropout(probs, p=dropout_p, training=dropout_p > 0)
-    return probs @ v
+    probs = F.dropout(eager_probabilities(q, k, ctx, window), p=dropout_p, training=dropout_p > 0)
+    return probs @ v.repeat_interleave(q.size(1) // v.size(1), dim=1)
 
 
 @KERNELS.register("sdpa")
