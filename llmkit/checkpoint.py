@@ -44,6 +44,24 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return Loaded(model.eval(), tokenizer, int(checkpoint.get("global_step", 0)), checkpoint)
 
 
+def load_for_inference(
+    path: str | Path, device: str | torch.device = "cpu", quantize: str | None = None, backend: str = "auto"
+) -> Loaded:
+    """A checkpoint file, or a directory written by `llmkit quantize`, ready to generate from.
+    quantize=int8 quantizes a float checkpoint's block Linears on load (llmkit/quantize.py)."""
+    from llmkit import quantize as int8
+
+    if quantize not in (None, "none", "int8"):
+        raise ValueError(f"quantize={quantize} is not supported; use quantize=int8 or leave it null")
+    if Path(path).is_dir() and int8.is_quantized_dir(path):
+        model, tokenizer, config = int8.load_quantized(path, backend, device)
+        return Loaded(model, tokenizer, int(config.get("step", 0)), config)
+    loaded = load_checkpoint(path, map_location=device)
+    if quantize == "int8":
+        int8.quantize_model(loaded.model, backend)
+    return loaded
+
+
 def consolidate(sharded_dir: str | Path, out_file: str | Path) -> Path:
     """Merge a sharded checkpoint directory (FSDP, ModelParallelStrategy) into one file for
     inference: full model weights plus the run's metadata (model config, tokenizer, step); the

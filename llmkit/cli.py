@@ -31,6 +31,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "import": Subcommand("import_hf", "import", "import a Hugging Face directory as a llmkit checkpoint"),
     "consolidate": Subcommand("consolidate", "consolidate", "merge a sharded (FSDP) checkpoint into one file"),
     "report": Subcommand("report", "report", "compare the runs of a multirun: table, seed spread, plots"),
+    "quantize": Subcommand("quantize", "quantize", "weight-only int8 of a checkpoint, for serve, generate and evaluate"),
+    "serve": Subcommand("serve", "serve", "an OpenAI-compatible server: completions, chat, streaming, batching, metrics"),
     "plan": Subcommand("plan", "plan", "parameters, FLOPs, memory per rank, time and Chinchilla sizing of a run"),
     "explore": Subcommand("explore", "explore", "an offline page of a model's attention, predictions and residual stream"),
 }

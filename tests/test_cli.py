@@ -30,6 +30,8 @@ KEYS = {
     "import": ("hf", "hff=dir"),
     "consolidate": ("out", "outt=x.ckpt"),
     "report": ("wandb_project", "wandb_projet=p"),
+    "quantize": ("include_head", "include_heads=true"),
+    "serve": ("max_batch", "max_batchs=4"),
     "plan": ("plan.mfu", "plan.mf=0.5"),
     "explore": ("top_k", "topk=3"),
 }

@@ -21,15 +21,15 @@ def main(cfg: DictConfig) -> None:
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    from llmkit.checkpoint import load_checkpoint
+    from llmkit.checkpoint import load_for_inference
     from llmkit.evaluate import perplexity
 
-    loaded = load_checkpoint(cfg.ckpt, map_location=pick_device(cfg.device))
+    loaded = load_for_inference(cfg.ckpt, pick_device(cfg.device), cfg.quantize)
     ids = load_ids(cfg, loaded.tokenizer)
     if cfg.max_tokens:
         ids = ids[: cfg.max_tokens]
     result = perplexity(loaded.model, ids, cfg.context, cfg.stride, cfg.batch_size)
-    report = {**result.to_dict(), "ckpt": str(cfg.ckpt), "step": loaded.step,
+    report = {**result.to_dict(), "ckpt": str(cfg.ckpt), "step": loaded.step, "quantize": cfg.quantize,
               "source": cfg.text or f"{cfg.dataset}:{cfg.split}"}
     out = Path(cfg.out or f"{cfg.ckpt}.eval.json")
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -15,11 +15,11 @@ def main(cfg: DictConfig) -> None:
     require(cfg, "ckpt", "outputs/<run>/checkpoints/last.ckpt")
     import torch
 
-    from llmkit.checkpoint import load_checkpoint
+    from llmkit.checkpoint import load_for_inference
     from llmkit.generation import stream_text
 
     device = pick_device(cfg.device)
-    loaded = load_checkpoint(cfg.ckpt, map_location=device)
+    loaded = load_for_inference(cfg.ckpt, device, cfg.quantize)
     if loaded.tokenizer is None:
         raise SystemExit(f"{cfg.ckpt} holds no tokenizer, so text cannot be encoded or decoded")
     prompt = unescape(str(cfg.prompt))

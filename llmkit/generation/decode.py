@@ -92,7 +92,7 @@ class CachedDecoder:
             self.cache: KVCache = KVCache(position, limit=self.model.cfg.max_seq_len)
         else:
             self.cache = SlidingWindowCache(position, self.window)
-        self.attention = [CachedAttention(block.attention, self.cache, i) for i, block in enumerate(self.model.blocks)]
+        self.attention = cached_attention(self.model, self.cache)
         return self._forward(ids, positions, mask_positions)
 
     def step(self, tokens: list[int]) -> Tensor:
@@ -103,16 +103,28 @@ class CachedDecoder:
 
     def _forward(self, ids: Tensor, positions: Tensor, mask_positions: Tensor) -> Tensor:
         self.cache.begin(mask_positions)
-        blocks = self.model.blocks
-        originals = [block.attention for block in blocks]
-        try:
-            for block, cached in zip(blocks, self.attention, strict=True):
-                block.attention = cached
-            with inference(self.model):
-                return self.model(ids, positions=positions)[:, -1].float()
-        finally:
-            for block, original in zip(blocks, originals, strict=True):
-                block.attention = original
+        return forward_cached(self.model, self.attention, ids, positions)
+
+
+def cached_attention(model: Transformer, cache: KVCache) -> list[CachedAttention]:
+    """One stand-in per block, all reading and extending `cache`."""
+    return [CachedAttention(block.attention, cache, i) for i, block in enumerate(model.blocks)]
+
+
+def forward_cached(model: Transformer, attention: list[CachedAttention], ids: Tensor, positions: Tensor) -> Tensor:
+    """(B, T) ids at positions -> (B, V) float logits of each row's last token, with every block's
+    attention swapped for its cached stand-in for this one call (the cache's `begin` comes first).
+    llmkit/serve's engine drives its own batch cache through this too."""
+    blocks = model.blocks
+    originals = [block.attention for block in blocks]
+    try:
+        for block, cached in zip(blocks, attention, strict=True):
+            block.attention = cached
+        with inference(model):
+            return model(ids, positions=positions)[:, -1].float()
+    finally:
+        for block, original in zip(blocks, originals, strict=True):
+            block.attention = original
 
 
 class RecomputeDecoder:
