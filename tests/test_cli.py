@@ -37,8 +37,8 @@ KEYS = {
 }
 
 
-def _console(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([LLMKIT, *args], capture_output=True, text=True, timeout=120)
+def _console(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([LLMKIT, *args], capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
 def test_every_subcommand_has_a_key_under_test() -> None:
@@ -125,8 +125,9 @@ def test_evaluate_sweep_and_export_through_the_console_script(tiny_checkpoint: P
         copy.write_bytes(tiny_checkpoint.read_bytes())
     held_out = tmp_path / "held_out.txt"
     held_out.write_text("def main():\n    return 1\n" * 8)
-    result = _console("evaluate", "-m", f"ckpt={copies[0]},{copies[1]}", f"text={held_out}", "device=cpu")
+    result = _console("evaluate", "-m", f"ckpt={copies[0]},{copies[1]}", f"text={held_out}", "device=cpu", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert not (tmp_path / "multirun.yaml").exists()  # Hydra's sweep record goes to a temporary directory
     reports = [json.loads(Path(f"{copy}.eval.json").read_text()) for copy in copies]
     assert reports[0]["nll"] == reports[1]["nll"] > 0 and reports[0]["tokens"] > 10
 

@@ -9,6 +9,13 @@ Files in a tokenizer directory: `llmkit_tokenizer.json` (which kind; the charact
 tokenizer), plus the model: `tokenizer.model` (sentencepiece) or `tokenizer.json` (HF tokenizers).
 Directories written before the HF kind existed keep that meta file as `tokenizer.json` (it has a
 "kind" key); `load_tokenizer` still reads them.
+
+Special tokens for chat (llmkit/posttrain/chat.py): a sentencepiece tokenizer trained here reserves
+`CHAT_TOKENS` ("<|im_start|>", "<|im_end|>") as pieces of their own unless `reserve_chat_tokens=False`.
+An existing vocabulary gains them only through an explicit `add_special_tokens`, which appends new
+ids past the old vocabulary: the model's embedding (and an untied output head) must then grow to the
+new `vocab_size`. `token_to_id` finds a token that is one entry of the vocabulary, so templates
+render special tokens by id rather than by encoding their text.
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: Iterable[int]) -> str: ...
 
+    def token_to_id(self, token: str) -> int | None: ...
+
     def save(self, directory: Path) -> None: ...
 
     def to_state(self) -> dict: ...
@@ -58,6 +67,7 @@ class Tokenizer(Protocol):
 # name -> trainer(texts, vocab_size, **options) -> Tokenizer
 TOKENIZERS: Registry["Tokenizer"] = Registry("tokenizer")
 _META = "llmkit_tokenizer.json"
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")  # chatml's turn delimiters, reserved by default when training
 _HF_FILE = "tokenizer.json"  # the HF tokenizers file; also our meta file's name before the HF kind existed
 
 
@@ -82,15 +92,32 @@ def _read_meta(directory: Path) -> dict:
 
 
 class CharTokenizer:
-    """One id per character seen in training; unseen characters map to id 0 (<unk>). No specials."""
+    """One id per character seen in training; unseen characters map to id 0 (<unk>).
+
+    No special tokens unless added (`add_special_tokens`): they take the ids after the characters,
+    `encode` never produces them (it reads text one character at a time, so a user's "</s>" stays
+    four characters), and "<s>" / "</s>" / "<pad>", when added, are the BOS / EOS / PAD."""
 
     kind = "char"
-    bos_id = eos_id = pad_id = None
 
-    def __init__(self, chars: str) -> None:
+    def __init__(self, chars: str, specials: Iterable[str] = ()) -> None:
         self.chars = chars
-        self.vocab_size = len(chars) + 1
+        self.specials = tuple(specials)
+        self.vocab_size = len(chars) + 1 + len(self.specials)
         self._ids = {c: i + 1 for i, c in enumerate(chars)}
+        self._special_ids = {t: len(chars) + 1 + i for i, t in enumerate(self.specials)}
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._special_ids.get("<s>")
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._special_ids.get("</s>")
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._special_ids.get("<pad>")
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int | None = None) -> "CharTokenizer":
@@ -106,21 +133,35 @@ class CharTokenizer:
         return [self.encode(text) for text in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
-        return "".join(self.chars[i - 1] if 0 < i <= len(self.chars) else "\ufffd" for i in ids)
+        return "".join(self._piece(i) for i in ids)
+
+    def _piece(self, i: int) -> str:
+        if 0 < i <= len(self.chars):
+            return self.chars[i - 1]
+        special = i - len(self.chars) - 1
+        return self.specials[special] if 0 <= special < len(self.specials) else "\ufffd"
+
+    def token_to_id(self, token: str) -> int | None:
+        """A special token's id, or a single character's (the only other one-token strings)."""
+        return self._special_ids.get(token, self._ids.get(token))
 
     def save(self, directory: Path) -> None:
         _write_meta(directory, self.to_state())
 
     @classmethod
     def load(cls, directory: Path) -> "CharTokenizer":
-        return cls(_read_meta(directory)["chars"])
+        meta = _read_meta(directory)
+        return cls(meta["chars"], meta.get("specials", ()))
 
     def to_state(self) -> dict:
-        return {"kind": self.kind, "chars": self.chars}
+        # "specials" only when there are some: older states and fingerprints stay as they were
+        state: dict[str, Any] = {"kind": self.kind, "chars": self.chars}
+        return state | ({"specials": list(self.specials)} if self.specials else {})
 
     @property
     def fingerprint(self) -> str:
-        return _sha(self.chars.encode())
+        extra = "".join(f"\0{t}" for t in self.specials)  # NUL: no character of a vocabulary
+        return _sha((self.chars + extra).encode())
 
 
 # sentencepiece's own default pieces; ids are given in this order after <unk> = 0
@@ -183,11 +224,18 @@ class SentencePieceTokenizer:
         special_tokens: Mapping[str, str | None] | None = None,
         user_symbols: Iterable[str] | None = None,
         character_coverage: float = 0.9995,
+        reserve_chat_tokens: bool = True,
     ) -> "SentencePieceTokenizer":
         """Train on `texts`. `special_tokens` maps bos/eos/pad (and unk) to a piece, null = none;
-        `user_symbols` are extra pieces never split (e.g. "<|im_start|>"), after "\\n"."""
+        `user_symbols` are extra pieces never split, after "\\n" and (unless `reserve_chat_tokens`
+        is false) CHAT_TOKENS, which chat templates need as single tokens.
+
+        sentencepiece matches such pieces in any text it encodes, so "<|im_start|>" in training
+        text becomes that one id: llmkit/posttrain/chat.py renders them by id and keeps a user's
+        typed copy from turning into the token."""
         specials = _special_token_args(special_tokens)
-        symbols = list(dict.fromkeys(["\n", *(user_symbols or [])]))  # "\n" first, as before, no duplicates
+        chat = CHAT_TOKENS if reserve_chat_tokens else ()
+        symbols = list(dict.fromkeys(["\n", *chat, *(user_symbols or [])]))  # "\n" first, as before, no duplicates
         options = dict(
             model_type=model_type, byte_fallback=byte_fallback, character_coverage=character_coverage,
             user_defined_symbols=symbols, **specials,
@@ -241,6 +289,10 @@ class SentencePieceTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode(list(ids))
+
+    def token_to_id(self, token: str) -> int | None:
+        token_id = self.sp.piece_to_id(token)  # an unknown piece gives <unk>'s id: check it round trips
+        return token_id if self.sp.id_to_piece(token_id) == token else None
 
     def save(self, directory: Path) -> None:
         (directory / self.model_file).write_bytes(self.proto)
@@ -311,6 +363,9 @@ class HFTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.tok.decode(list(ids))
 
+    def token_to_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
     def save(self, directory: Path) -> None:
         (directory / self.model_file).write_text(self.json, encoding="utf-8")
         _write_meta(directory, {"kind": self.kind})
@@ -336,13 +391,13 @@ def train_char(texts: Iterable[str], vocab_size: int | None = None, **options: A
 
 @TOKENIZERS.register("bpe")
 def train_bpe(texts: Iterable[str], vocab_size: int, **options: Any) -> SentencePieceTokenizer:
-    """options: byte_fallback, special_tokens, user_symbols, character_coverage."""
+    """options: byte_fallback, special_tokens, user_symbols, character_coverage, reserve_chat_tokens."""
     return SentencePieceTokenizer.train(texts, vocab_size, "bpe", **options)
 
 
 @TOKENIZERS.register("unigram")
 def train_unigram(texts: Iterable[str], vocab_size: int, **options: Any) -> SentencePieceTokenizer:
-    """options: byte_fallback, special_tokens, user_symbols, character_coverage."""
+    """options: byte_fallback, special_tokens, user_symbols, character_coverage, reserve_chat_tokens."""
     return SentencePieceTokenizer.train(texts, vocab_size, "unigram", **options)
 
 
@@ -387,9 +442,46 @@ def load_pretrained_tokenizer(path: str | Path) -> Tokenizer:
 def tokenizer_from_state(state: dict) -> Tokenizer:
     """Rebuild a tokenizer from `to_state()`, as stored in checkpoints (plain str/bytes: weights_only-safe)."""
     if state["kind"] == "char":
-        return CharTokenizer(state["chars"])
+        return CharTokenizer(state["chars"], state.get("specials", ()))
     if state["kind"] == "sentencepiece":
         return SentencePieceTokenizer(state["model"])
     if state["kind"] == HFTokenizer.kind:
         return HFTokenizer(state["json"])
     raise ValueError(f"unknown tokenizer kind '{state['kind']}' in checkpoint")
+
+
+# ---- adding special tokens to an existing vocabulary ---------------------------------------------
+def add_special_tokens(tokenizer: Tokenizer, tokens: Iterable[str]) -> Tokenizer:
+    """A new tokenizer: `tokenizer` plus each of `tokens` that is not already one token of it, as
+    special tokens with new ids after the old vocabulary (old ids keep their meaning).
+
+    Explicit by design: the result has a larger `vocab_size`, so a model trained with the old one
+    needs its embedding (and an untied output head) resized before it can take the new ids.
+    sentencepiece needs the protobuf package to edit its model; HF tokenizers the tokenizers one."""
+    new = [t for t in dict.fromkeys(tokens) if tokenizer.token_to_id(t) is None]
+    if not new:
+        return tokenizer
+    if isinstance(tokenizer, CharTokenizer):
+        return CharTokenizer(tokenizer.chars, (*tokenizer.specials, *new))
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        return SentencePieceTokenizer(_sentencepiece_with(tokenizer.proto, new))
+    if isinstance(tokenizer, HFTokenizer):
+        import tokenizers as hf
+
+        tok = hf.Tokenizer.from_str(tokenizer.json)
+        tok.add_special_tokens([hf.AddedToken(t, special=True, normalized=False) for t in new])
+        return HFTokenizer(tok.to_str())
+    raise TypeError(f"add_special_tokens: no support for {type(tokenizer).__name__}")
+
+
+def _sentencepiece_with(proto: bytes, tokens: list[str]) -> bytes:
+    """The model with `tokens` appended as USER_DEFINED pieces: kept whole, ids after the old ones."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as model_pb2
+    except ImportError as err:  # the generated module needs protobuf, which sentencepiece does not require
+        raise ImportError("adding tokens to a sentencepiece model needs protobuf: pip install protobuf") from err
+    model = model_pb2.ModelProto()
+    model.ParseFromString(proto)
+    for token in tokens:
+        model.pieces.add(piece=token, score=0.0, type=model_pb2.ModelProto.SentencePiece.USER_DEFINED)
+    return model.SerializeToString()

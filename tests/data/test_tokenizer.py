@@ -11,9 +11,11 @@ import pytest
 
 from llmkit.data.sources import stdlib_corpus
 from llmkit.data.tokenizer import (
+    CHAT_TOKENS,
     CharTokenizer,
     HFTokenizer,
     SentencePieceTokenizer,
+    add_special_tokens,
     load_pretrained_tokenizer,
     load_tokenizer,
     tokenizer_from_state,
@@ -237,6 +239,16 @@ def test_user_symbols_are_single_pieces(small_corpus) -> None:
     assert tok.decode(tok.encode("x<|im_end|>\n")) == "x<|im_end|>\n"
 
 
+def test_chat_tokens_are_reserved_by_default(small_corpus, small_bpe) -> None:
+    start, end = (small_bpe.token_to_id(t) for t in CHAT_TOKENS)
+    assert (start, end) == (5, 6)  # after <unk> <s> </s> <pad> and "\n"
+    assert small_bpe.encode("x<|im_end|>") == small_bpe.encode("x") + [end]
+    assert small_bpe.token_to_id("<s>") == small_bpe.bos_id and small_bpe.token_to_id("<nope>") is None
+    plain = train_tokenizer("bpe", small_corpus, SMALL_VOCAB, reserve_chat_tokens=False)
+    assert all(plain.token_to_id(t) is None for t in CHAT_TOKENS) and plain.fingerprint != small_bpe.fingerprint
+    assert plain.vocab_size == small_bpe.vocab_size  # two fewer merges instead
+
+
 def test_without_byte_fallback_unseen_characters_are_unknown(small_corpus) -> None:
     # no 256 byte pieces needed: a vocabulary smaller than 256 trains
     tok = train_tokenizer("bpe", small_corpus, 200, byte_fallback=False, character_coverage=1.0)
@@ -354,3 +366,36 @@ def test_tokenizers_pickle(kind: str, every_kind: dict) -> None:
     assert (again.bos_id, again.eos_id, again.pad_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
     assert again.encode(SAMPLE) == tok.encode(SAMPLE)
     assert again.decode(tok.encode(SAMPLE)) == tok.decode(tok.encode(SAMPLE))
+
+
+# ---- adding special tokens to an existing vocabulary ---------------------------------------------
+def test_add_special_tokens_to_a_char_tokenizer(tmp_path: Path) -> None:
+    base = CharTokenizer("/<>abs")  # ids 1-6
+    tok = add_special_tokens(base, ["<s>", "</s>", "<|im_start|>", "a"])  # "a" is already one token: skipped
+    assert tok.specials == ("<s>", "</s>", "<|im_start|>") and tok.vocab_size == base.vocab_size + 3
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (7, 8, None) and tok.token_to_id("<|im_start|>") == 9
+    assert tok.encode("ab</s>") == [4, 5, 2, 1, 6, 3]  # encode never produces a special: text is characters
+    assert tok.decode([7, 4, 9, 8]) == "<s>a<|im_start|></s>"
+    assert tok.fingerprint != base.fingerprint and CharTokenizer("/<>abs").fingerprint == base.fingerprint
+    tok.save(tmp_path)
+    for again in (load_tokenizer(tmp_path), tokenizer_from_state(tok.to_state()), pickle.loads(pickle.dumps(tok))):
+        assert again.specials == tok.specials and again.fingerprint == tok.fingerprint
+    assert base.to_state() == {"kind": "char", "chars": "/<>abs"}  # no specials: the state (and checkpoints) as before
+    assert add_special_tokens(tok, ["<s>"]) is tok
+
+
+def test_add_special_tokens_to_sentencepiece(small_corpus) -> None:
+    plain = train_tokenizer("bpe", small_corpus, SMALL_VOCAB, reserve_chat_tokens=False)
+    tok = add_special_tokens(plain, CHAT_TOKENS)
+    start, end = plain.vocab_size, plain.vocab_size + 1  # appended: every old id keeps its meaning
+    assert tok.vocab_size == plain.vocab_size + 2 and [tok.token_to_id(t) for t in CHAT_TOKENS] == [start, end]
+    assert tok.encode(SAMPLE) == plain.encode(SAMPLE)
+    assert tok.encode("x<|im_start|>y") == tok.encode("x") + [start] + tok.encode("y")
+    assert tok.decode(tok.encode("x<|im_start|>y")) == "x<|im_start|>y"
+
+
+def test_add_special_tokens_to_an_hf_tokenizer(hf_json: Path) -> None:
+    base = load_pretrained_tokenizer(hf_json)
+    tok = add_special_tokens(base, CHAT_TOKENS)
+    assert [tok.token_to_id(t) for t in CHAT_TOKENS] == [base.vocab_size, base.vocab_size + 1]
+    assert tok.vocab_size == base.vocab_size + 2 and tok.encode(SAMPLE) == base.encode(SAMPLE)
