@@ -35,13 +35,28 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     if "model_config" not in checkpoint:
         raise ValueError(f"{path} is not an llmkit checkpoint (it has no 'model_config')")
-    model = Transformer(ModelConfig.from_dict(checkpoint["model_config"]))
     prefix = "model."
     weights = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    model.load_state_dict(weights)
-    data_state = checkpoint.get(_DATA_STATE, {})
-    tokenizer = tokenizer_from_state(data_state["tokenizer"]) if "tokenizer" in data_state else None
+    if "lora" in checkpoint:  # an adapter checkpoint: its base, the adapters, merged (llmkit/posttrain/lora.py)
+        from llmkit.posttrain.lora import merged_from_adapter_checkpoint
+
+        model = merged_from_adapter_checkpoint(checkpoint, weights, map_location)
+    else:
+        model = Transformer(ModelConfig.from_dict(checkpoint["model_config"]))
+        model.load_state_dict(weights)
+    state = tokenizer_state(checkpoint)
+    tokenizer = tokenizer_from_state(state) if state is not None else None
     return Loaded(model.eval(), tokenizer, int(checkpoint.get("global_step", 0)), checkpoint)
+
+
+def tokenizer_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The tokenizer a datamodule saved in the checkpoint (pre-training's LMDataModule, or a
+    post-training datamodule: Lightning keys each by its class name)."""
+    for key in (_DATA_STATE, *sorted(checkpoint)):
+        state = checkpoint.get(key)
+        if isinstance(state, dict) and isinstance(state.get("tokenizer"), dict) and "kind" in state["tokenizer"]:
+            return state["tokenizer"]
+    return None
 
 
 def load_for_inference(

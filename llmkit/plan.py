@@ -328,17 +328,23 @@ def setup_from_config(cfg: Any) -> Setup:
     """A Setup from a composed `train` config (what `llmkit train` would run)."""
     from omegaconf import OmegaConf
 
-    model = OmegaConf.to_container(cfg.model, resolve=True)
+    if cfg.get("init_from"):  # post-training: the base model's config, whatever cfg.model says
+        from llmkit.posttrain.base import base_config
+
+        model = base_config(cfg.init_from).to_dict()
+    else:
+        model = OmegaConf.to_container(cfg.model, resolve=True)
     if model.get("vocab_size") is None:  # taken from the tokenizer when the data is prepared
         model["vocab_size"] = 256 if cfg.data.get("tokenizer") == "char" else int(cfg.data.vocab_size)
+    pairs = cfg.get("task", {}).get("name") in ("dpo", "reward")  # a chosen and a rejected row per sample
     trainer = cfg.trainer
     strategy = trainer.get("strategy")
     target = strategy.get("_target_", "") if OmegaConf.is_dict(strategy) else str(strategy)
     devices = trainer.get("devices", 1)
     return Setup(
         model=ModelConfig.from_dict(model),
-        batch_size=int(cfg.data.batch_size),
-        seq_len=int(cfg.data.seq_len),
+        batch_size=int(cfg.data.batch_size) * (2 if pairs else 1),
+        seq_len=int(cfg.data.seq_len or model["max_seq_len"]),
         precision=str(trainer.get("precision", "32")),
         checkpointing=str(cfg.get("activation_checkpointing", "none")),
         ranks=(devices if isinstance(devices, int) else 1) * int(trainer.get("num_nodes", 1)),

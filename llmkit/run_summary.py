@@ -97,6 +97,8 @@ def run_summary(cfg: DictConfig, trainer: L.Trainer, lit: LitLM, wall_s: float) 
 
 def _data_summary(datamodule: L.LightningDataModule) -> dict[str, Any] | None:
     """Which prepared dataset the run read, so reports can tell runs on different data apart."""
+    if hasattr(datamodule, "summary"):  # post-training data: its counts (truncated, dropped, identical pairs)
+        return datamodule.summary()
     dataset = getattr(datamodule, "dataset", None)
     if dataset is None:
         return None

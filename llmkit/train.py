@@ -62,7 +62,8 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     lit = LitLM(
         model=_plain(cfg.model), optim=_plain(cfg.optim), scheduler=_plain(cfg.scheduler), compile=cfg.compile,
-        activation_checkpointing=cfg.activation_checkpointing,
+        activation_checkpointing=cfg.activation_checkpointing, task=_plain(cfg.task), finetune=_plain(cfg.finetune),
+        init_from=cfg.get("init_from"),
     )
     use_hydra_rank_command()  # DDP ranks start as single runs of this job, also inside a multirun
     trainer = _trainer(cfg)

@@ -43,7 +43,7 @@ class ThroughputMonitor(Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._step_tokens += batch[0].numel() * trainer.world_size
+        self._step_tokens += batch_tokens(batch) * trainer.world_size
         if trainer.global_step == self._last_step:  # still accumulating gradients
             return
         now = time.perf_counter()
@@ -80,3 +80,11 @@ class ThroughputMonitor(Callback):
         median = statistics.median(self.step_times)
         tokens_per_s = tokens_per_step / median
         return {"median_step_ms": median * 1000, "tokens_per_s": tokens_per_s, "mfu": self.mfu(tokens_per_s, world_size)}
+
+
+def batch_tokens(batch: Any) -> int:
+    """Input tokens of a batch: pre-training's (inputs, targets, ...) tuple, or a post-training dict
+    whose *ids tensors are the rows (chosen and rejected rows both count)."""
+    if isinstance(batch, dict):
+        return sum(v.numel() for k, v in batch.items() if k.endswith("ids"))
+    return batch[0].numel()

@@ -1,7 +1,10 @@
-"""The LightningModule: builds the model in `configure_model`, asks it for its loss, logs.
+"""The LightningModule: builds the model in `configure_model`, asks the task's objective for the loss, logs.
 
-It knows nothing about architectures: the model owns its loss (auxiliary losses included), and
-parallelism is applied from outside by `llmkit.distributed` when the strategy asks for it.
+It knows nothing about architectures or tasks: the objective (llmkit/posttrain/objectives.py: lm,
+sft, dpo, reward) turns a batch into a loss, the model owns its auxiliary losses, and what changes
+the model from outside (LoRA, activation checkpointing, compile, FSDP) is applied here in that order.
+A post-training run starts from `init_from`'s weights; with finetune=lora its checkpoints hold only
+the adapters (and a reward head), and name the base they apply to.
 """
 
 from __future__ import annotations
@@ -16,18 +19,26 @@ from torchmetrics import MeanMetric
 from llmkit.distributed import apply_compile, apply_fsdp
 from llmkit.lit.optim import OPTIMIZERS, SCHEDULES
 from llmkit.model import ModelConfig, Transformer
+from llmkit.posttrain.objectives import OBJECTIVES
 from llmkit.recompute import apply_activation_checkpointing
 
 
 class LitLM(L.LightningModule):
     def __init__(
         self, model: dict[str, Any], optim: dict[str, Any], scheduler: dict[str, Any], compile: bool = False,
-        activation_checkpointing: str = "none",
+        activation_checkpointing: str = "none", task: dict[str, Any] | None = None,
+        finetune: dict[str, Any] | None = None, init_from: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model: Transformer | None = None
-        self.val_loss = MeanMetric()
+        task = dict(task or {"name": "lm"})
+        self.objective = OBJECTIVES.build(task.pop("name"), **task)
+        self.val_metrics = torch.nn.ModuleDict({_key(n): MeanMetric() for n in self.objective.val_names})
+        self.finetune = dict(finetune or {"name": "full"})
+        if self.finetune["name"] not in ("full", "lora"):
+            raise ValueError(f"finetune={self.finetune['name']}: valid values are full and lora")
+        self.strict_loading = self.finetune["name"] != "lora"  # adapter checkpoints hold only the adapters
 
     # ---- construction ----------------------------------------------------------------------------
     def model_config(self) -> ModelConfig:
@@ -39,7 +50,15 @@ class LitLM(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.model = Transformer(self.model_config())
+        init_from = self.hparams.init_from
+        self.model = self._base(init_from) if init_from else Transformer(self.model_config())
+        self.objective.attach(self.model, init_from, self.finetune["name"])
+        if self.finetune["name"] == "lora":
+            from llmkit.posttrain.lora import LoraConfig, apply_lora
+
+            if not init_from:
+                raise ValueError("finetune=lora adapts a trained model: give init_from=<llmkit checkpoint | HF dir>")
+            apply_lora(self.model, LoraConfig(**{k: v for k, v in self.finetune.items() if k != "name"}))
         apply_activation_checkpointing(self.model, self.hparams.activation_checkpointing)
         if self.hparams.compile:
             apply_compile(self.model)
@@ -47,9 +66,25 @@ class LitLM(L.LightningModule):
             options = getattr(self.trainer.strategy, "fsdp_options", {})  # FSDP2Strategy's; Lightning's has none
             apply_fsdp(self.model, self.device_mesh, self.trainer.precision, **options)
 
+    def _base(self, init_from: str) -> Transformer:
+        """The base model's weights; its tokenizer must be the one the data is encoded with."""
+        from llmkit.posttrain.base import load_base
+
+        model, tokenizer = load_base(init_from)
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        theirs = getattr(datamodule, "tokenizer", None)
+        if theirs is not None and theirs.fingerprint != tokenizer.fingerprint:
+            raise ValueError(
+                f"init_from={init_from} was trained with another tokenizer ({tokenizer.kind}, vocab {tokenizer.vocab_size}, "
+                f"fingerprint {tokenizer.fingerprint}) than this run's data ({theirs.kind}, vocab {theirs.vocab_size}, "
+                f"fingerprint {theirs.fingerprint}); prepare the data with the base model's tokenizer "
+                "(data.tokenizer_path=, or data=sft / data=preference, which use init_from's)")
+        return model
+
     def configure_optimizers(self) -> dict[str, Any]:
         optim = dict(self.hparams.optim)
-        optimizer = OPTIMIZERS.build(optim.pop("name"), model=self.model, **optim)
+        # over the whole module: the model's trainable parameters and the objective's (a reward head)
+        optimizer = OPTIMIZERS.build(optim.pop("name"), model=self, **optim)
         schedule = dict(self.hparams.scheduler)
         total_steps = self.trainer.max_steps
         if total_steps is None or total_steps < 0:
@@ -58,27 +93,31 @@ class LitLM(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, multiplier), "interval": "step"}}
 
     # ---- steps -----------------------------------------------------------------------------------
-    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
-        inputs, targets, *document = batch  # packed rows add (positions, segments)
-        out = self.model.loss(inputs, targets, *document)
-        self.log("train/loss", out.loss, prog_bar=True)
-        for name, value in out.aux.items():
-            self.log(f"train/aux/{name}", value)
+    def on_fit_start(self) -> None:
+        self.objective.on_fit_start(self)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
+        out = self.objective.training_loss(self.model, batch, scale)
+        for name, value in out.logs.items():
+            self.log(f"train/{name}", value, prog_bar=name == "loss")
         if self._logging_step():  # statistics the model reports, such as MoE expert load
             for name, value in out.metrics.items():
                 self.log(f"train/{name}", value)
         return out.loss
 
-    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
-        inputs, targets, *document = batch  # packed rows add (positions, segments)
-        out = self.model.loss(inputs, targets, *document)
-        self.val_loss.update(out.ce, weight=targets.numel())
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        for name, (total, count) in self.objective.validation(self.model, batch).items():
+            self.val_metrics[_key(name)].update(total / count.clamp(min=1), weight=count)
 
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()  # token-weighted mean over every rank's batches
-        self.val_loss.reset()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
-        self.log("val/ppl", loss.exp(), prog_bar=True, sync_dist=False)
+        for name in self.objective.val_names:
+            metric = self.val_metrics[_key(name)]
+            value = metric.compute()  # weighted mean over every rank's batches
+            metric.reset()
+            self.log(f"val/{name}", value, prog_bar=name == "loss", sync_dist=False)
+            if name == "loss" and self.objective.perplexity:  # a token-mean cross-entropy
+                self.log("val/ppl", value.exp(), prog_bar=True, sync_dist=False)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self._logging_step():
@@ -113,6 +152,16 @@ class LitLM(L.LightningModule):
     # ---- checkpoints -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["model_config"] = self.model.cfg.to_dict()
+        template = getattr(self.trainer.datamodule, "template", None) if self._trainer is not None else None
+        if template is not None:  # what llmkit serve renders chat requests with
+            checkpoint["chat_template"] = template
+        if self.finetune["name"] == "lora":  # the adapters (and the objective's head), and which base they adapt
+            from llmkit.posttrain.lora import ADAPTER_PARAMS
+
+            config = {k: (list(v) if k == "targets" else v) for k, v in self.finetune.items() if k != "name"}
+            checkpoint["lora"] = {"base": str(self.hparams.init_from), "config": config}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                        if k.endswith(ADAPTER_PARAMS) or k.startswith("objective.")}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("model_config", {})
@@ -121,6 +170,11 @@ class LitLM(L.LightningModule):
                 f"the checkpoint's model has a vocabulary of {saved['vocab_size']} tokens but this run's data "
                 f"gives {self.model.cfg.vocab_size}; resume with the data and tokenizer the checkpoint was trained on"
             )
+
+
+def _key(name: str) -> str:
+    """ModuleDict keys cannot hold dots or slashes: rewards/accuracies -> rewards__accuracies."""
+    return name.replace("/", "__").replace(".", "_")
 
 
 def _params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

@@ -82,6 +82,11 @@ class Transformer(nn.Module):
         given (generation passes later positions; see llmkit/generation). segments: (B, T) document
         index of each token when rows pack several documents, whose positions then restart at 0:
         a token attends only to earlier tokens of its own document."""
+        return self.head(self.features(idx, positions, segments))
+
+    def features(self, idx: Tensor, positions: Tensor | None = None, segments: Tensor | None = None) -> Tensor:
+        """The final (normed) hidden states (B, T, C) that the head reads; a reward model's scalar
+        head reads them too (llmkit/posttrain/objectives.py)."""
         T = idx.size(1)
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
@@ -90,7 +95,7 @@ class Transformer(nn.Module):
         x = self.dropout(self.position.embed(self.tok_emb(idx), pos))  # (B, T, C)
         for block in self.blocks:
             x = block(x, ctx)
-        return self.head(self.norm(x))
+        return self.norm(x)
 
     def loss(
         self, idx: Tensor, targets: Tensor, positions: Tensor | None = None, segments: Tensor | None = None

@@ -237,3 +237,30 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
         if value.shape != own[key].shape:
             raise ValueError(f"LoRA state {key}: shape {tuple(value.shape)}, the model has {tuple(own[key].shape)}")
         own[key].copy_(value)  # detached views of the parameters: writes into them
+
+
+def merged_from_adapter_checkpoint(
+    checkpoint: dict, weights: dict[str, Tensor], map_location: str | torch.device = "cpu"
+) -> nn.Module:
+    """A LoRA run's checkpoint holds the adapters and names its base (`checkpoint["lora"]`): the
+    base model with those adapters, merged, for inference and export."""
+    from llmkit.posttrain.base import load_base
+
+    info = checkpoint["lora"]
+    model, _ = load_base(info["base"], map_location)
+    apply_lora(model, LoraConfig(**info["config"]))
+    load_lora_state_dict(model, {k: v for k, v in weights.items() if k.endswith(ADAPTER_PARAMS)})
+    merge_lora(model, keep_original=False)
+    strip_merged(model)
+    return model
+
+
+def strip_merged(model: nn.Module) -> None:
+    """Merged adapters back to plain nn.Linear (the adapter tensors dropped): the state dict is then
+    exactly a base model's, for the exporter, quantization and the server."""
+    for _, m in _require_lora(model, merged=True):
+        for name in ADAPTER_PARAMS:
+            del m._parameters[name]
+        for name in ("lora_config", "lora_merged", "lora_enabled", "_lora_w0"):
+            delattr(m, name)
+        m.__class__ = nn.Linear

@@ -1,0 +1,67 @@
+"""The model post-training starts from (`init_from=`): a llmkit checkpoint or a Hugging Face directory.
+
+Weights only: the optimizer, schedule and data position start fresh (resuming a post-training run is
+`ckpt_path=` / `resume=auto`, as for pre-training). The tokenizer comes with the weights, and the
+post-training data is rendered with it, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmkit.data.tokenizer import Tokenizer
+from llmkit.model import ModelConfig, Transformer
+
+
+def load_base(init_from: str | Path, map_location: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer]:
+    """(model in train mode, tokenizer) from a llmkit checkpoint file or a Hugging Face directory."""
+    path = Path(init_from).expanduser()
+    if path.is_dir() and (path / "config.json").exists():
+        from llmkit.hf import import_hf
+
+        model, tokenizer = import_hf(path)
+    else:
+        from llmkit.checkpoint import load_checkpoint
+
+        loaded = load_checkpoint(path, map_location=map_location)
+        model, tokenizer = loaded.model, loaded.tokenizer
+    if tokenizer is None:
+        raise ValueError(f"init_from={init_from} holds no tokenizer, so post-training data cannot be encoded for it")
+    return model.train(), tokenizer
+
+
+def base_config(init_from: str | Path) -> ModelConfig:
+    """The base model's config without building it (for the data's default context)."""
+    path = Path(init_from).expanduser()
+    if path.is_dir():
+        import json
+
+        from llmkit.hf import LLMKIT_CONFIG_KEY
+
+        config = json.loads((path / "config.json").read_text())
+        if LLMKIT_CONFIG_KEY in config:
+            return ModelConfig.from_dict(config[LLMKIT_CONFIG_KEY])
+        return load_base(path)[0].cfg
+    return ModelConfig.from_dict(_checkpoint(path)["model_config"])
+
+
+def base_tokenizer(init_from: str | Path) -> Tokenizer:
+    path = Path(init_from).expanduser()
+    if path.is_dir():
+        return load_base(path)[1]
+    from llmkit.checkpoint import tokenizer_state
+    from llmkit.data.tokenizer import tokenizer_from_state
+
+    state = tokenizer_state(_checkpoint(path))
+    if state is None:
+        raise ValueError(f"init_from={init_from} holds no tokenizer, so post-training data cannot be encoded for it")
+    return tokenizer_from_state(state)
+
+
+def _checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from={path}: no such checkpoint file (or Hugging Face directory with config.json)")
+    return torch.load(path, map_location="cpu", weights_only=True)
