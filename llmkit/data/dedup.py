@@ -1,37 +1,45 @@
-"""Exact and near-duplicate detection: sha256 content hashes, and MinHash signatures indexed with LSH banding.
+"""Exact and near-duplicate detection: SHA-256 digests, and MinHash signatures (llmkit/data/minhash.py) indexed with
+LSH banding.
 
-Not `datasketch`: it is not installed, and its per-shingle Python loop is slow; here one document's shingles
-are hashed under all permutations at once in numpy.
+The near-duplicate rule, the same in one process and across any number of tasks (llmkit/data/prep_dedup.py): visit
+documents in input order; a document is a near duplicate when an earlier *kept* document shares one of its LSH bands
+and their signatures agree on at least `threshold` of their values (the estimated Jaccard similarity of their shingle
+sets). Duplicates are not indexed, so in a chain a~b~c with a and c unlike each other, a and c are kept.
 
-Shingles are word 5-grams (lowercased `\\w+` tokens), the usual choice for web-scale near-dedup: robust to
-whitespace and punctuation edits, and one changed word touches only `ngram` shingles. Documents with fewer than
-`SHORT_DOC_WORDS` words use character n-grams of those tokens instead, because a handful of word shingles make the
-Jaccard estimate too coarse (one changed word in a 20-word text removes a quarter of them).
+Shingles are word 5-grams (lowercased `\\w+` tokens), the usual choice for web-scale near-dedup: robust to whitespace
+and punctuation edits, and one changed word touches only `ngram` shingles. Documents with fewer than `SHORT_DOC_WORDS`
+words use character n-grams of those tokens instead, because a handful of word shingles make the Jaccard estimate
+too coarse (one changed word in a 20-word text removes a quarter of them).
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 
-SHORT_DOC_WORDS = 50
-_MERSENNE61 = np.uint64((1 << 61) - 1)
-_LOW31 = np.uint64((1 << 31) - 1)
-_LOW30 = np.uint64((1 << 30) - 1)
-_CHUNK = 2048  # shingles per block: bounds memory for huge documents, and (num_perm, 2048) blocks stay in cache
+from llmkit.data.minhash import SHORT_DOC_WORDS, MinHasher
+
 _WORD = re.compile(r"\w+")
+# fixed odd weights that fold a band's rows into one 64-bit bucket key (the same in every process: Python's hash()
+# of bytes is salted per process, and bucket keys travel between tasks)
+_BAND_WEIGHTS = np.random.default_rng(0x15A).integers(0, 1 << 63, size=64, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+
+
+def text_digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).digest()
 
 
 class ExactDuplicateFilter:
-    """Remembers the sha256 of every text it has seen."""
+    """Remembers the SHA-256 of every text it has seen."""
 
     def __init__(self) -> None:
         self._seen: set[bytes] = set()
 
     def is_duplicate(self, text: str) -> bool:
-        digest = hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).digest()
+        digest = text_digest(text)
         if digest in self._seen:
             return True
         self._seen.add(digest)
@@ -39,6 +47,56 @@ class ExactDuplicateFilter:
 
     def __len__(self) -> int:
         return len(self._seen)
+
+
+def band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """(n, bands) uint64: one key per band of `rows` signature values; equal bands give equal keys everywhere."""
+    n = len(signatures)
+    values = signatures[:, : bands * rows].reshape(n, bands, rows).astype(np.uint64)
+    weights = np.resize(_BAND_WEIGHTS, rows)
+    keys = (values * weights).sum(axis=2, dtype=np.uint64)  # wraps mod 2**64
+    keys ^= keys >> np.uint64(29)
+    keys *= np.uint64(0xBF58476D1CE4E5B9)
+    keys ^= keys >> np.uint64(32)
+    return keys
+
+
+class LSHIndex:
+    """Signatures of kept documents in one bucket table per band; a query confirms its candidates on whole signatures."""
+
+    def __init__(self, threshold: float, bands: int, rows: int) -> None:
+        self.threshold, self.bands, self.rows = threshold, bands, rows
+        self._buckets: list[dict[int, list[int]]] = [{} for _ in range(bands)]
+        self._signatures: list[np.ndarray] = []
+        self._ids: list[Hashable] = []
+
+    def match_or_add(self, ident: Hashable, signature: np.ndarray, keys: Sequence[int]) -> Hashable | None:
+        """The id of the kept document this one nearly duplicates; None if none, and then it is indexed as `ident`."""
+        match = self._best_match(signature, keys)
+        if match is None:
+            self._add(ident, signature, keys)
+        return match
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def _best_match(self, signature: np.ndarray, keys: Sequence[int]) -> Hashable | None:
+        candidates: set[int] = set()
+        for bucket, key in zip(self._buckets, keys, strict=True):
+            candidates.update(bucket.get(key, ()))
+        if not candidates:
+            return None
+        ids = sorted(candidates)  # sorted: ties go to the earliest document, whatever the set order
+        agreement = (np.stack([self._signatures[i] for i in ids]) == signature).mean(axis=1)
+        best = int(np.argmax(agreement))
+        return self._ids[ids[best]] if agreement[best] >= self.threshold else None
+
+    def _add(self, ident: Hashable, signature: np.ndarray, keys: Sequence[int]) -> None:
+        doc = len(self._ids)
+        self._ids.append(ident)
+        self._signatures.append(signature)
+        for bucket, key in zip(self._buckets, keys, strict=True):
+            bucket.setdefault(key, []).append(doc)
 
 
 class NearDuplicateFilter:
@@ -49,91 +107,32 @@ class NearDuplicateFilter:
     ) -> None:
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"near_dedup threshold must be in (0, 1], got {threshold}")
-        if ngram < 1 or num_perm < 1:
-            raise ValueError(f"near_dedup ngram and num_perm must be >= 1, got ngram={ngram}, num_perm={num_perm}")
         if bands is not None and not 1 <= bands <= num_perm:
             raise ValueError(f"near_dedup bands must be in [1, num_perm={num_perm}], got {bands}")
+        self.hasher = MinHasher(num_perm, ngram, seed)
         self.threshold, self.num_perm, self.ngram = threshold, num_perm, ngram
         self.bands, self.rows = (bands, num_perm // bands) if bands else lsh_params(threshold, num_perm)
-        rng = np.random.default_rng(seed)
-        a = rng.integers(1, _MERSENNE61, size=(num_perm, 1), dtype=np.uint64)
-        self._a_lo, self._a_hi = a & _LOW31, a >> np.uint64(31)  # split so the products fit in 64 bits (_permute)
-        self._b = rng.integers(0, _MERSENNE61, size=(num_perm, 1), dtype=np.uint64)
-        self._word_hashes: dict[str, int] = {}
-        self._buckets: list[dict[int, list[int]]] = [{} for _ in range(self.bands)]
-        self._signatures: list[np.ndarray] = []
-        self._names: list[str] = []
+        self.index = LSHIndex(threshold, self.bands, self.rows)
 
     def signature(self, text: str) -> np.ndarray:
-        """The (num_perm,) uint64 MinHash signature: per permutation, the least permuted shingle hash."""
-        x = np.unique(self._shingle_hashes(text)) >> np.uint64(3)  # 61 bits: below 2**61, as _permute needs
-        return np.min([self._permute(x[i : i + _CHUNK]) for i in range(0, len(x), _CHUNK)], axis=0)
+        """The (num_perm,) uint32 MinHash signature: per permutation, the least permuted shingle hash."""
+        return self.hasher.signatures([text])[0]
 
-    def is_duplicate(self, name: str, text: str) -> str | None:
-        """The name of the indexed document this one nearly duplicates; None if none, and then `name` is indexed."""
-        sig = self.signature(text)
-        keys = [hash(band.tobytes()) for band in sig[: self.bands * self.rows].reshape(self.bands, self.rows)]
-        match = self._best_match(sig, keys)
-        if match is None:
-            self._index(name, sig, keys)
-        return match
+    def signatures(self, texts: Sequence[str]) -> np.ndarray:
+        """(len(texts), num_perm) uint32, computed in batches: far faster per document than `signature`."""
+        return self.hasher.signatures(texts)
+
+    def band_keys(self, signatures: np.ndarray) -> np.ndarray:
+        return band_keys(signatures, self.bands, self.rows)
+
+    def is_duplicate(self, name: str, text: str, signature: np.ndarray | None = None) -> str | None:
+        """The name of the indexed document this one nearly duplicates; None if none, and then `name` is indexed.
+        Pass `signature` when it was computed already (in a batch, by `signatures`)."""
+        sig = self.signature(text) if signature is None else signature
+        return self.index.match_or_add(name, sig, self.band_keys(sig[None])[0].tolist())  # type: ignore[return-value]
 
     def __len__(self) -> int:
-        return len(self._names)
-
-    def _best_match(self, sig: np.ndarray, keys: list[int]) -> str | None:
-        candidates: set[int] = set()
-        for bucket, key in zip(self._buckets, keys, strict=True):
-            candidates.update(bucket.get(key, ()))
-        if not candidates:
-            return None
-        ids = sorted(candidates)  # sorted: ties go to the earliest document, whatever the set order
-        agreement = (np.stack([self._signatures[i] for i in ids]) == sig).mean(axis=1)
-        best = int(np.argmax(agreement))
-        return self._names[ids[best]] if agreement[best] >= self.threshold else None
-
-    def _index(self, name: str, sig: np.ndarray, keys: list[int]) -> None:
-        doc = len(self._names)
-        self._names.append(name)
-        self._signatures.append(sig)
-        for bucket, key in zip(self._buckets, keys, strict=True):
-            bucket.setdefault(key, []).append(doc)
-
-    def _shingle_hashes(self, text: str) -> np.ndarray:
-        words = _WORD.findall(text.lower())
-        if len(words) >= SHORT_DOC_WORDS:
-            return _ngram_hashes(np.array([self._word_hash(w) for w in words], dtype=np.uint64), self.ngram)
-        codepoints = np.frombuffer(" ".join(words).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-        return _ngram_hashes(_mix64(codepoints), self.ngram)
-
-    def _word_hash(self, word: str) -> int:
-        h = self._word_hashes.get(word)
-        if h is None:
-            if len(self._word_hashes) > 1_000_000:  # a cache, not an index: bound its memory on huge vocabularies
-                self._word_hashes.clear()
-            h = self._word_hashes[word] = int.from_bytes(hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest(), "little")
-        return h
-
-    def _permute(self, x: np.ndarray) -> np.ndarray:
-        """min over shingles of (a*x + b) mod (2**61 - 1), per permutation; x < 2**61, shape (m,) -> (num_perm,).
-
-        a*x needs 122 bits, so with a = a_hi*2**31 + a_lo and x = x_hi*2**31 + x_lo (halves below 2**31) it is
-        a_hi*x_hi*2**62 + mid*2**31 + a_lo*x_lo, and 2**61 = 1 (mod p) folds each term below 2**62.
-        """
-        x_lo, x_hi = x & _LOW31, x >> np.uint64(31)
-        s = self._a_hi * x_hi
-        s <<= np.uint64(1)  # 2**62 = 2 (mod p); a_hi*x_hi < 2**60
-        mid = self._a_hi * x_lo
-        mid += self._a_lo * x_hi  # < 2**62
-        s += mid >> np.uint64(30)  # mid*2**31 = (mid >> 30)*2**61 + (mid & LOW30)*2**31
-        mid &= _LOW30
-        mid <<= np.uint64(31)
-        s += mid
-        s += self._a_lo * x_lo
-        s += self._b  # total < 2**61 + 2**32 + 2**61 + 2**62 + 2**61 < 2**64: no overflow
-        s = (s & _MERSENNE61) + (s >> np.uint64(61))  # now <= p + 7
-        np.subtract(s, _MERSENNE61, out=s, where=s >= _MERSENNE61)
-        return s.min(axis=1)
+        return len(self.index)
 
 
 def lsh_params(threshold: float, num_perm: int, false_positive_weight: float = 0.1) -> tuple[int, int]:
@@ -171,27 +170,3 @@ def shingle_set(text: str, ngram: int = 5) -> set[str]:
         return {" ".join(words[i : i + ngram]) for i in range(len(words) - ngram + 1)}
     flat = " ".join(words)
     return {flat[i : i + ngram] for i in range(max(1, len(flat) - ngram + 1))}
-
-
-def _ngram_hashes(tokens: np.ndarray, n: int) -> np.ndarray:
-    """One 64-bit hash per run of n consecutive token hashes (one run of all tokens when there are fewer)."""
-    if len(tokens) == 0:
-        return _mix64(np.zeros(1, dtype=np.uint64))
-    n = min(n, len(tokens))
-    m = len(tokens) - n + 1
-    h = tokens[:m].copy()
-    for k in range(1, n):
-        h *= np.uint64(0x9E3779B97F4A7C15)  # order matters: "a b" and "b a" hash differently
-        h += tokens[k : k + m]
-        h = _mix64(h)
-    return _mix64(h)
-
-
-def _mix64(z: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: every input bit flips about half the output bits (uint64 arithmetic wraps)."""
-    z = z ^ (z >> np.uint64(30))
-    z *= np.uint64(0xBF58476D1CE4E5B9)
-    z ^= z >> np.uint64(27)
-    z *= np.uint64(0x94D049BB133111EB)
-    z ^= z >> np.uint64(31)
-    return z

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from llmkit.data.files import sha256_file, write_json_atomic
+from llmkit.data.files import fault_point, sha256_file, temporary_name, write_json_atomic
 
 MAGIC = b"LLMKSHRD"
 VERSION = 1
@@ -63,15 +63,20 @@ def write_shard(path: Path, tokens: np.ndarray, doc_starts: np.ndarray) -> dict[
     header = HEADER.pack(MAGIC, VERSION, tokens.dtype.itemsize, len(tokens), len(doc_starts))
     little_endian = tokens.astype(tokens.dtype.newbyteorder("<"), copy=False)
     parts = [header.ljust(HEADER_BYTES, b"\0"), doc_starts.astype("<u8").tobytes(), little_endian.tobytes()]
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temporary_name(path)
     digest = hashlib.sha256()
-    with open(tmp, "wb") as f:
-        for part in parts:
-            f.write(part)
-            digest.update(part)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            for part in parts:
+                f.write(part)
+                digest.update(part)
+                f.flush()
+                fault_point(path)  # a test may kill the process here: the header is written, the tokens are not
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return {
         "file": path.name, "tokens": int(len(tokens)), "documents": int(len(doc_starts)),
         "bytes": sum(len(p) for p in parts), "sha256": digest.hexdigest(),

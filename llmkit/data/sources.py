@@ -29,7 +29,7 @@ SOURCES: Registry[Iterator[Document]] = Registry("data source")
 @SOURCES.register("stdlib")
 def stdlib_corpus(max_bytes: int | None = None, **_: object) -> Iterator[Document]:
     """pydoc topic texts, then the top-level standard-library modules, in a fixed order."""
-    return _truncate(_stdlib_documents(), max_bytes)
+    return truncate(_stdlib_documents(), max_bytes)
 
 
 def _stdlib_documents() -> Iterator[Document]:
@@ -45,9 +45,12 @@ def _stdlib_documents() -> Iterator[Document]:
 @SOURCES.register("text")
 def text_files(path: str | list[str] | None = None, max_bytes: int | None = None, **_: object) -> Iterator[Document]:
     """Local text files: a path, a glob, or a list of them; each file is one document."""
-    files = _resolve_files(path, "text")
-    docs = ((f, Path(f).read_text(encoding="utf-8", errors="replace")) for f in files)
-    return _truncate(docs, max_bytes)
+    files = resolve_files(path, "text")
+    return truncate((doc for f in files for doc in read_text_file(f)), max_bytes)
+
+
+def read_text_file(file: str, **_: object) -> Iterator[Document]:
+    yield file, Path(file).read_text(encoding="utf-8", errors="replace")
 
 
 @SOURCES.register("jsonl")
@@ -63,8 +66,17 @@ def jsonl_files(
     `text_field` and `id_field` may be dotted paths ("meta.body"). A document is named by its
     `id_field` value, else "<file>:<line number>". Empty lines are skipped; a line that is not
     JSON, or a record without the field, fails naming the file and line."""
-    files = _resolve_files(path, "jsonl")
-    return _truncate(_jsonl_documents(files, text_field, id_field), max_bytes)
+    files = resolve_files(path, "jsonl")
+    return truncate(_jsonl_documents(files, text_field, id_field), max_bytes)
+
+
+def read_jsonl_file(file: str, text_field: str = "text", id_field: str | None = None, **_: object) -> Iterator[Document]:
+    return _jsonl_documents([file], text_field, id_field)
+
+
+# Sources whose documents come file by file, each file on its own: the file list can be cut into pieces that
+# separate tasks read (llmkit/data/pieces.py), and the pieces' documents, in order, are the source's documents.
+FILE_READERS = {"text": read_text_file, "jsonl": read_jsonl_file}
 
 
 def _jsonl_documents(files: list[str], text_field: str, id_field: str | None) -> Iterator[Document]:
@@ -114,7 +126,7 @@ def hf_dataset(
         )
     rows = _load_hf(dataset, data_files, subset, split, streaming, revision)
     docs = _hf_documents(rows, f"{dataset}:{split}", text_field, id_field)
-    return _truncate(docs, max_bytes)
+    return truncate(docs, max_bytes)
 
 
 def _load_hf(
@@ -156,7 +168,7 @@ def _hf_documents(
 
 
 # ---- shared helpers ------------------------------------------------------------------------------
-def _resolve_files(path: str | list[str] | None, source: str) -> list[str]:
+def resolve_files(path: str | list[str] | None, source: str) -> list[str]:
     """Files matching a path, a glob, or a list of them, in sorted order per pattern (eagerly, so
     that a typo fails when the source is built rather than half-way through a run)."""
     if not path:
@@ -194,7 +206,7 @@ def _text(record: Any, text_field: str, where: str) -> str:
     return text
 
 
-def _truncate(docs: Iterable[Document], max_bytes: int | None) -> Iterator[Document]:
+def truncate(docs: Iterable[Document], max_bytes: int | None) -> Iterator[Document]:
     """Pass documents on in order until max_bytes of UTF-8 text; the last one may be cut short.
 
     Stops pulling from `docs` as soon as the limit is reached, so a streamed source reads no more."""

@@ -84,7 +84,7 @@ def sigmoid_dpo(z: Tensor, beta: float, label_smoothing: float = 0.0) -> Tensor:
     """DPO, conservative (cDPO) when label_smoothing > 0."""
     eps = label_smoothing
     _check_smoothing("sigmoid", eps, 0.0 <= eps <= 0.5, "in [0, 0.5]")
-    return -F.logsigmoid(beta * z)
+    return -(1 - eps) * F.logsigmoid(beta * z) - eps * F.logsigmoid(-beta * z)
 
 
 @DPO_LOSSES.register("robust")

@@ -126,6 +126,7 @@ class DirectPreference(Objective):
         if reference not in REFERENCES:
             raise ValueError(f"task.reference={reference}: choose one of {', '.join(REFERENCES)}")
         self.beta, self.kind, self.label_smoothing, self.reference = beta, loss, label_smoothing, reference
+        self.average = loss == "ipo"  # IPO regresses per-token log-ratios (as Azar et al. and TRL do); DPO sums
         self._frozen: list[Transformer] = []  # the reference copy, outside the module tree (not trained or saved)
         self.init_from: str | None = None
 
@@ -147,8 +148,9 @@ class DirectPreference(Objective):
             attach_precomputed_reference(lit.trainer.datamodule, self.init_from, lit.device)
 
     def reference_logprobs(self, model: Transformer, batch: dict[str, Tensor], ids: Tensor, labels: Tensor) -> Tensor:
-        if "ref_chosen" in batch:
-            return torch.cat([batch["ref_chosen"], batch["ref_rejected"]]).float()
+        if "ref_chosen" in batch:  # precomputed sums; IPO's per-token means divide by the scored tokens
+            stored = torch.cat([batch["ref_chosen"], batch["ref_rejected"]]).float()
+            return stored / (labels != IGNORE).sum(-1).clamp(min=1) if self.average else stored
         if self.reference == "precomputed":
             raise RuntimeError("precomputed reference log-probs are missing from the batch")
         with torch.no_grad():
@@ -156,12 +158,12 @@ class DirectPreference(Objective):
                 from llmkit.posttrain.lora import lora_disabled
 
                 with lora_disabled(model):
-                    return sequence_logprobs(model(ids), labels)
-            return sequence_logprobs(self._frozen[0](ids), labels)
+                    return sequence_logprobs(model(ids), labels, average=self.average)
+            return sequence_logprobs(self._frozen[0](ids), labels, average=self.average)
 
     def _losses(self, model: Transformer, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         ids, labels, n = _pair(batch)
-        policy = sequence_logprobs(model(ids), labels)  # (2B,)
+        policy = sequence_logprobs(model(ids), labels, average=self.average)  # (2B,)
         reference = self.reference_logprobs(model, batch, ids, labels)
         return dpo_loss(policy[:n], policy[n:], reference[:n], reference[n:], self.beta, self.kind, self.label_smoothing)
 

@@ -47,10 +47,9 @@ def test_jaccard_helper() -> None:
 def test_signature_is_deterministic_and_depends_on_seed() -> None:
     text = _doc(random.Random(1), _vocab())
     sig = NearDuplicateFilter(num_perm=64).signature(text)
-    assert sig.shape == (64,) and sig.dtype == np.uint64
+    assert sig.shape == (64,) and sig.dtype == np.uint32
     assert np.array_equal(sig, NearDuplicateFilter(num_perm=64).signature(text))
     assert not np.array_equal(sig, NearDuplicateFilter(num_perm=64, seed=1).signature(text))
-    assert (sig < (1 << 61) - 1).all()  # values are residues mod the Mersenne prime
 
 
 @pytest.mark.parametrize("changed", [3, 30, 80, 150])

@@ -16,6 +16,12 @@ from llmkit.posttrain.objectives import SupervisedFineTuning
 from llmkit.posttrain.packing import pack
 from tests.posttrain.helpers import longer_context, parity_records, write_jsonl
 
+# Adam's update m / sqrt(v) is scale-free: fp32 gradients summed in another order (relative error ~1e-7)
+# move a weight by ~1e-7 of a step, except where a gradient is as small as its own rounding error, which
+# can move it by a whole step (lr 3e-3). Measured: at most 4.2e-6 after 5 steps. A wrong weighting of the
+# micro-batches changes the gradient itself by tens of percent: differences of the order of a step.
+ADAM_ATOL = 1e-2 * 3e-3
+
 RUN = ["trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "sample.max_new_tokens=4",
        "scheduler.warmup_steps=0", "optim.lr=3e-3", "preflight=off"]
 
@@ -70,9 +76,8 @@ def test_micro_batch_8_equals_micro_batch_2_times_accumulation_4(base: Path, tmp
     split = _weights(sft(tmp_path / "b2x4", base, data, *steps, "data.batch_size=2", "trainer.accumulate_grad_batches=4"))
     rows = [np.load(p)["labels"] for p in (tmp_path / "cache").glob("sft-*/train.npz")][0]
     assert len(set((rows != -100).sum(axis=1).tolist())) > 1  # rows differ in scored tokens: the test can fail
-    # fp32 sums in another order: differences of a few ulps in the gradients, carried through 5 Adam steps
     for name, value in whole.items():
-        torch.testing.assert_close(split[name], value, rtol=1e-4, atol=2e-6, msg=name)
+        assert ((split[name] - value).abs().max() <= ADAM_ATOL), name
 
 
 def test_records_missing_a_field_name_the_file_and_line(base: Path, tmp_path: Path, capsys) -> None:
