@@ -40,7 +40,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if "lora" in checkpoint:  # an adapter checkpoint: its base, the adapters, merged (llmkit/posttrain/lora.py)
         from llmkit.posttrain.lora import merged_from_adapter_checkpoint
 
-        model = merged_from_adapter_checkpoint(checkpoint, weights, map_location)
+        model = merged_from_adapter_checkpoint(checkpoint, map_location)
     else:
         model = Transformer(ModelConfig.from_dict(checkpoint["model_config"]))
         model.load_state_dict(weights)

@@ -14,15 +14,19 @@ TINY_RUN = ["debug=fast", "data.max_bytes=60000", "data.split=tail", "data.vocab
             "sample.max_new_tokens=4"]
 
 
+@pytest.hookimpl(trylast=True)  # after -m has deselected: the default run never asks SLURM anything
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """gpu tests skip without CUDA; slurm tests skip without a reachable SLURM cluster."""
     no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     no_slurm = pytest.mark.skip(reason="needs a SLURM cluster (slurm/local-cluster.sh up)")
-    have_slurm = _slurm_answers() and os.environ.get("LLMKIT_NO_SLURM") is None
+    slurm_items = [item for item in items if item.get_closest_marker("slurm")]
+    # sinfo waits ~10 s for a controller that is not there: asked only when a SLURM test was selected
+    have_slurm = bool(slurm_items) and os.environ.get("LLMKIT_NO_SLURM") is None and _slurm_answers()
     for item in items:
         if item.get_closest_marker("gpu") and not torch.cuda.is_available():
             item.add_marker(no_gpu)
-        if item.get_closest_marker("slurm") and not have_slurm:
+    for item in slurm_items:
+        if not have_slurm:
             item.add_marker(no_slurm)
 
 

@@ -13,9 +13,34 @@ def main(cfg: DictConfig) -> None:
     from llmkit.checkpoint import load_checkpoint
     from llmkit.hf import ExportError, export_hf
 
+    if cfg.adapter:
+        export_adapter(cfg)
+        return
     loaded = load_checkpoint(cfg.ckpt)
     try:
         out = export_hf(loaded.model, loaded.tokenizer, cfg.out)
     except ExportError as err:
         raise SystemExit(str(err)) from None
     print(f"exported {cfg.ckpt} (step {loaded.step}) to {out}")
+
+
+def export_adapter(cfg: DictConfig) -> None:
+    """A LoRA run's adapters alone, in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
+    import torch
+
+    from llmkit.checkpoint import tokenizer_state
+    from llmkit.data.tokenizer import tokenizer_from_state
+    from llmkit.hf import ExportError
+    from llmkit.posttrain.lora import adapted_from_checkpoint
+    from llmkit.posttrain.peft_format import save_peft_adapter
+
+    checkpoint = torch.load(cfg.ckpt, map_location="cpu", weights_only=True)
+    if "lora" not in checkpoint:
+        raise SystemExit(f"{cfg.ckpt} is not a LoRA checkpoint (finetune=lora): export the whole model without adapter=true")
+    state = tokenizer_state(checkpoint)
+    tokenizer = tokenizer_from_state(state) if state else None
+    try:
+        out = save_peft_adapter(adapted_from_checkpoint(checkpoint), tokenizer, cfg.out, cfg.base)
+    except ExportError as err:
+        raise SystemExit(str(err)) from None
+    print(f"exported the LoRA adapters of {cfg.ckpt} to {out} (load with peft.PeftModel.from_pretrained on the base)")
