@@ -31,6 +31,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "import": Subcommand("import_hf", "import", "import a Hugging Face directory as a llmkit checkpoint"),
     "consolidate": Subcommand("consolidate", "consolidate", "merge a sharded (FSDP) checkpoint into one file"),
     "report": Subcommand("report", "report", "compare the runs of a multirun: table, seed spread, plots"),
+    "score": Subcommand("score", "score", "score a preference file with a reward model (task=reward)"),
     "quantize": Subcommand("quantize", "quantize", "weight-only int8 of a checkpoint, for serve, generate and evaluate"),
     "serve": Subcommand("serve", "serve", "an OpenAI-compatible server: completions, chat, streaming, batching, metrics"),
     "plan": Subcommand("plan", "plan", "parameters, FLOPs, memory per rank, time and Chinchilla sizing of a run"),

@@ -30,6 +30,7 @@ KEYS = {
     "import": ("hf", "hff=dir"),
     "consolidate": ("out", "outt=x.ckpt"),
     "report": ("wandb_project", "wandb_projet=p"),
+    "score": ("pairs", "pair=x.jsonl"),
     "quantize": ("include_head", "include_heads=true"),
     "serve": ("max_batch", "max_batchs=4"),
     "plan": ("plan.mfu", "plan.mf=0.5"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -108,6 +109,10 @@ def test_reward_model_learns_to_rank_the_chosen_reply(base: Path, tmp_path: Path
     assert float(last["val/accuracy"]) > 0.9 and float(last["val/loss"]) < LN2 - 0.1, last
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert "objective.head.weight" in checkpoint["state_dict"]
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", preference_records(20, seed=5))
+    llmkit(["score", f"ckpt={run / 'checkpoints' / 'last.ckpt'}", f"pairs={held_out}"])
+    scores = json.loads((tmp_path / "held_out.jsonl.scores.json").read_text())
+    assert scores["pairs"] == 20 and scores["accuracy"] > 0.9 and scores["mean_margin"] > 0
 
 
 def test_dpo_micro_batch_8_equals_micro_batch_2_times_accumulation_4(base: Path, tmp_path: Path) -> None:
