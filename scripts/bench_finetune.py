@@ -28,42 +28,51 @@ from llmkit.posttrain.lora import LoraConfig, apply_lora
 from llmkit.posttrain.packing import pack
 
 
-def step_time(model: Transformer, batch: tuple[torch.Tensor, ...], steps: int) -> tuple[float, int]:
-    """Median seconds per optimizer step (after two warm-up steps), and gradient + AdamW-state bytes."""
-    optimizer = adamw(model, lr=1e-4)
-    times = []
-    for i in range(steps + 2):
+class Stepper:
+    """One model's optimizer steps; the gradient + AdamW-state bytes are read after the first."""
+
+    def __init__(self, model: Transformer, batch: tuple[torch.Tensor, ...]) -> None:
+        self.model, self.batch = model, batch
+        self.optimizer = adamw(model, lr=1e-4)
+        self.times: list[float] = []
+        self.bytes = 0
+
+    def step(self, timed: bool) -> None:
         start = time.perf_counter()
-        model.loss(*batch).loss.backward()
-        optimizer.step()
-        if i == 0:  # AdamW's state exists after the first step; the gradients are still there
-            grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
-            state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+        self.model.loss(*self.batch).loss.backward()
+        self.optimizer.step()
+        if not self.bytes:  # AdamW's state exists after the first step; the gradients are still there
+            grads = sum(p.grad.numel() * p.grad.element_size() for p in self.model.parameters() if p.grad is not None)
+            state = sum(t.numel() * t.element_size() for s in self.optimizer.state.values() for t in s.values()
                         if torch.is_tensor(t) and t.dim() > 0)
-        optimizer.zero_grad(set_to_none=True)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), grads + state
+            self.bytes = grads + state
+        self.optimizer.zero_grad(set_to_none=True)
+        if timed:
+            self.times.append(time.perf_counter() - start)
 
 
 def full_vs_lora(args: argparse.Namespace) -> None:
     cfg = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.n_layers, n_heads=8,
                       max_seq_len=256)
     torch.manual_seed(0)
-    full = Transformer(cfg)
-    lora = copy.deepcopy(full)
-    apply_lora(lora, LoraConfig(r=8))
+    full_model = Transformer(cfg)
+    lora_model = copy.deepcopy(full_model)
+    apply_lora(lora_model, LoraConfig(r=8))
     ids = torch.randint(0, cfg.vocab_size, (8, 257))
     batch = (ids[:, :-1], ids[:, 1:])
-    print(f"model: {full.num_params() / 1e6:.1f}M parameters; batch 8 x 256 tokens; {args.steps} timed steps")
-    full_s, full_bytes = step_time(full, batch, args.steps)
-    lora_s, lora_bytes = step_time(lora, batch, args.steps)
-    trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    print(f"model: {full_model.num_params() / 1e6:.1f}M parameters; batch 8 x 256 tokens; {args.steps} timed steps each, "
+          "alternating (so a busy machine slows both alike)")
+    full, lora = Stepper(full_model, batch), Stepper(lora_model, batch)
+    for i in range(args.steps + 2):  # two warm-up steps each
+        full.step(timed=i >= 2)
+        lora.step(timed=i >= 2)
+    full_s, lora_s = statistics.median(full.times), statistics.median(lora.times)
+    trainable = sum(p.numel() for p in lora_model.parameters() if p.requires_grad)
     print(f"{'':<6}{'step ms':>10}{'grad+AdamW MB':>16}{'trainable':>12}")
-    print(f"{'full':<6}{full_s * 1e3:>10.1f}{full_bytes / 1e6:>16.2f}{full.num_params():>12,}")
-    print(f"{'lora':<6}{lora_s * 1e3:>10.1f}{lora_bytes / 1e6:>16.2f}{trainable:>12,}")
+    print(f"{'full':<6}{full_s * 1e3:>10.1f}{full.bytes / 1e6:>16.2f}{full_model.num_params():>12,}")
+    print(f"{'lora':<6}{lora_s * 1e3:>10.1f}{lora.bytes / 1e6:>16.2f}{trainable:>12,}")
     print(f"LoRA / full: step time {lora_s / full_s:.2f}x (goal <= 0.7x), gradient + optimizer bytes "
-          f"{lora_bytes / full_bytes:.2%} (goal <= 5%)")
+          f"{lora.bytes / full.bytes:.2%} (goal <= 5%)")
 
 
 def mixed_samples(n: int, context: int, vocab: int) -> list[Rendered]:
