@@ -33,6 +33,31 @@ def load_base(init_from: str | Path, map_location: str | torch.device = "cpu") -
     return model.train(), tokenizer
 
 
+@torch.no_grad()
+def resize_vocabulary(model: Transformer, vocab_size: int) -> Transformer:
+    """Grow the token embedding (and an untied head) to vocab_size rows, in place: the old rows keep
+    their values, new ones start at the mean of the old (a token the model has never seen then looks
+    like an average one, not like noise). For special tokens added to an existing vocabulary."""
+    from dataclasses import replace
+
+    old = model.tok_emb.weight
+    if vocab_size <= old.size(0):
+        return model
+    grown = torch.nn.Embedding(vocab_size, old.size(1), device=old.device, dtype=old.dtype)
+    grown.weight[: old.size(0)] = old
+    grown.weight[old.size(0) :] = old.mean(dim=0)
+    model.tok_emb = grown
+    if model.cfg.tie_embeddings:
+        model.head.weight = grown.weight
+    else:
+        head = torch.nn.Linear(old.size(1), vocab_size, bias=False, device=old.device, dtype=old.dtype)
+        head.weight[: old.size(0)] = model.head.weight
+        head.weight[old.size(0) :] = model.head.weight.mean(dim=0)
+        model.head = head
+    model.cfg = replace(model.cfg, vocab_size=vocab_size)
+    return model
+
+
 def base_config(init_from: str | Path) -> ModelConfig:
     """The base model's config without building it (for the data's default context)."""
     path = Path(init_from).expanduser()

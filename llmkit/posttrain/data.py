@@ -42,7 +42,7 @@ class PostTrainDataModule(L.LightningDataModule):
         self, path: str, tokenizer_from: str | None = None, format: str | None = None, template: str = "chatml",
         mask: str = "assistant", packing: bool = True, seq_len: int | None = None, batch_size: int = 8,
         val_fraction: float = 0.1, shuffle: bool = True, seed: int = 1337, cache_dir: str = "data_cache",
-        num_workers: int = 0,
+        num_workers: int = 0, add_template_tokens: bool = False,
     ) -> None:
         super().__init__()
         if tokenizer_from is None:
@@ -51,6 +51,8 @@ class PostTrainDataModule(L.LightningDataModule):
         self.mask, self.packing, self._seq_len, self.batch_size = mask, packing, seq_len, batch_size
         self.val_fraction, self.shuffle, self.seed = val_fraction, shuffle, seed
         self.cache_dir, self.num_workers = Path(cache_dir), num_workers
+        self.add_template_tokens = add_template_tokens
+        self.base_fingerprint: str | None = None  # the base model's tokenizer, before any added tokens
         self._tokenizer: Tokenizer | None = None
         self.splits: dict[str, dict[str, np.ndarray]] | None = None
         self.manifest: dict[str, Any] = {}
@@ -62,7 +64,13 @@ class PostTrainDataModule(L.LightningDataModule):
         if self._tokenizer is None:
             from llmkit.posttrain.base import base_tokenizer
 
-            self._tokenizer = base_tokenizer(self.tokenizer_from)
+            base = base_tokenizer(self.tokenizer_from)
+            self.base_fingerprint, self._tokenizer = base.fingerprint, base
+            if self.add_template_tokens:  # the model's embeddings grow to match (LitLM, resize_vocabulary)
+                from llmkit.data.tokenizer import add_special_tokens
+                from llmkit.posttrain.chat import CHAT_TEMPLATES
+
+                self._tokenizer = add_special_tokens(base, CHAT_TEMPLATES.build(self.template).specials)
         return self._tokenizer
 
     @property
@@ -80,8 +88,8 @@ class PostTrainDataModule(L.LightningDataModule):
     # ---- preparation -------------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
         return {"kind": self.kind, "format": self.format, "template": self.template, "mask": self.mask,
-                "packing": self.packing, "seq_len": self.seq_len, "val_fraction": self.val_fraction,
-                "seed": self.seed, "version": PREPARE_VERSION}
+                "add_template_tokens": self.add_template_tokens, "packing": self.packing, "seq_len": self.seq_len,
+                "val_fraction": self.val_fraction, "seed": self.seed, "version": PREPARE_VERSION}
 
     def fingerprint(self) -> str:
         if not self.path.is_file():

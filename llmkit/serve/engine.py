@@ -72,7 +72,11 @@ class Sequence:
     def __init__(self, prompt: list[int], params: SamplingParams, emit: Callable[[Event], None], tokenizer) -> None:
         self.id = next(_ids)
         self.prompt, self.params, self.emit = prompt, params, emit
-        self.generator = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
+        self.generator = torch.Generator()
+        if params.seed is None:
+            self.generator.seed()  # from the OS's entropy, leaving torch's global generator alone
+        else:
+            self.generator.manual_seed(params.seed)
         self.pieces = IncrementalDetokenizer(tokenizer, prompt)
         self.stops = StopStrings(params.stop)
         self.generated = 0

@@ -18,7 +18,7 @@ def _compose(*overrides: str):
 
 
 def test_the_issue_ablations_exist() -> None:
-    assert {"attention", "position", "norm", "ffn"} <= set(ABLATIONS)
+    assert {"attention", "position", "norm", "ffn", "lora_rank"} <= set(ABLATIONS)
 
 
 @pytest.mark.parametrize("ablation", ABLATIONS)
@@ -27,11 +27,16 @@ def test_each_ablation_is_a_multirun_over_existing_options_with_seeds(ablation: 
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     params = dict(cfg.hydra.sweeper.params)
     assert len(str(params.pop("seed")).split(",")) >= 2
-    ((group, values),) = params.items()
-    for option in str(values).split(","):
-        assert (CONF / group / f"{option}.yaml").exists(), f"{group}={option}"
+    ((key, values),) = params.items()
     subdir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["subdir"]
-    assert f"runtime.choices.{group}" in subdir and "${seed}" in subdir and f"ablation-{ablation}" in cfg.hydra.sweep.dir
+    assert "${seed}" in subdir and f"ablation-{ablation}" in cfg.hydra.sweep.dir
+    if (CONF / key).is_dir():  # a config group: every option exists, and names the run directory
+        for option in str(values).split(","):
+            assert (CONF / key / f"{option}.yaml").exists(), f"{key}={option}"
+        assert f"runtime.choices.{key}" in subdir
+    else:  # a value (finetune.r): a key of the composed config, named in the run directory
+        assert OmegaConf.select(cfg, key) is not None, key
+        assert "${" + key + "}" in subdir
 
 
 def test_several_loggers_at_once() -> None:

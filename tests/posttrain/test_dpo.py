@@ -95,11 +95,15 @@ def train_pairs(run: Path, base: Path, data: Path, task: str, *overrides: str) -
 
 
 def test_dpo_reaches_reward_accuracy_over_0_9_with_positive_margins(base: Path, tmp_path: Path) -> None:
-    data = write_jsonl(tmp_path / "pairs.jsonl", preference_records(200, seed=0))
-    run = train_pairs(tmp_path / "dpo", base, data, "dpo", "trainer.max_steps=30", "trainer.val_check_interval=30",
-                      "task.beta=0.5", "optim.lr=1e-3")
+    same = {"prompt": "1 ok?", "chosen": " yes", "rejected": " yes"}  # no preference: warned, dropped, counted
+    data = write_jsonl(tmp_path / "pairs.jsonl", [*preference_records(200, seed=0), same])
+    with pytest.warns(UserWarning, match="chosen equals rejected"):
+        run = train_pairs(tmp_path / "dpo", base, data, "dpo", "trainer.max_steps=30", "trainer.val_check_interval=30",
+                          "task.beta=0.5", "optim.lr=1e-3")
     last = val_metrics(run)[-1]
     assert float(last["val/rewards/accuracies"]) > 0.9 and float(last["val/rewards/margins"]) > 0, last
+    counts = json.loads((run / "summary.json").read_text())["data"]["counts"]
+    assert counts["identical_chosen_rejected"] == 1 and counts["kept"] == 200
 
 
 def test_reward_model_learns_to_rank_the_chosen_reply(base: Path, tmp_path: Path) -> None:

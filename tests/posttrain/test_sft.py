@@ -94,3 +94,35 @@ def test_init_from_with_another_tokenizer_than_the_data_is_refused(base: Path, t
         llmkit(["train", f"hydra.run.dir={tmp_path / 'run'}", f"paths.data_dir={tmp_path / 'cache'}", f"init_from={base}",
                 "data.max_bytes=20000", "data.tokenizer=char", "data.seq_len=32", "trainer.max_steps=1", *RUN])
     assert "was trained with another tokenizer" in capsys.readouterr().err
+
+
+def char_base(path: Path) -> Path:
+    """A small random model whose char tokenizer (with an EOS) lacks chatml's tokens."""
+    from llmkit.data.tokenizer import CharTokenizer
+    from llmkit.model import ModelConfig, Transformer
+
+    tokenizer = CharTokenizer("".join(sorted(set("0123456789 isevnodd"))), ["</s>"])
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_layers=1, n_heads=2, max_seq_len=64)
+    model = Transformer(cfg)
+    torch.save({"model_config": cfg.to_dict(), "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "LMDataModule": {"tokenizer": tokenizer.to_state()}}, path)
+    return path
+
+
+def test_chatml_tokens_missing_from_the_base_vocabulary_are_refused_or_added_with_resized_embeddings(
+    tmp_path: Path, capsys
+) -> None:
+    base = char_base(tmp_path / "char.ckpt")
+    data = write_jsonl(tmp_path / "parity.jsonl", parity_records(40, seed=0))
+    chatml = ["task=sft", f"init_from={base}", "data=sft", f"data.path={data}", "data.template=chatml",
+              "trainer.max_steps=2", "trainer.val_check_interval=2", *RUN]
+    with pytest.raises(SystemExit):
+        llmkit(["train", f"hydra.run.dir={tmp_path / 'refused'}", f"paths.data_dir={tmp_path / 'cache'}", *chatml])
+    assert "template tokens missing from the vocabulary" in capsys.readouterr().err
+    run = tmp_path / "added"
+    llmkit(["train", f"hydra.run.dir={run}", f"paths.data_dir={tmp_path / 'cache'}", *chatml,
+            "data.add_template_tokens=true"])
+    tuned, before = load_checkpoint(run / "checkpoints" / "last.ckpt"), load_checkpoint(base)
+    assert tuned.model.cfg.vocab_size == before.model.cfg.vocab_size + 2
+    assert tuned.tokenizer.token_to_id("<|im_start|>") == before.model.cfg.vocab_size
+    assert tuned.model.tok_emb.weight.shape[0] == tuned.tokenizer.vocab_size
