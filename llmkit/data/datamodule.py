@@ -29,6 +29,7 @@ from llmkit.data.streaming import (
     RandomWindows,
     TrainBatches,
     ValidationWindows,
+    samples_consumed,
 )
 from llmkit.data.tokenizer import Tokenizer
 
@@ -172,13 +173,7 @@ class LMDataModule(L.LightningDataModule):
 
     # ---- checkpoint state ------------------------------------------------------------------------
     def samples_consumed(self) -> int:
-        """Global training samples consumed by every rank together; checkpoints are written at
-        optimizer steps, each of which takes accumulate x world x batch_size samples."""
-        trainer = self.trainer
-        if trainer is None:
-            return self._start_sample
-        per_step = trainer.accumulate_grad_batches * trainer.world_size * self.batch_size
-        return self._start_sample + (trainer.global_step - self._start_step) * per_step
+        return samples_consumed(self.trainer, self.batch_size, self._start_sample, self._start_step)
 
     def state_dict(self) -> dict[str, Any]:
         self.setup()

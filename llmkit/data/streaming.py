@@ -231,6 +231,16 @@ def _largest_remainder(fractions: np.ndarray, total: int) -> np.ndarray:
     return counts
 
 
+def samples_consumed(trainer, batch_size: int, start_sample: int, start_step: int) -> int:
+    """Global training samples consumed by every rank together since the run (or its resume) began at
+    start_sample / start_step: checkpoints are written at optimizer steps, each of which takes
+    accumulate x world x batch_size samples. A datamodule's checkpoint state is this one number."""
+    if trainer is None:
+        return start_sample
+    per_step = trainer.accumulate_grad_batches * trainer.world_size * batch_size
+    return start_sample + (trainer.global_step - start_step) * per_step
+
+
 class EndlessBatchIndices(Sampler[int]):
     """Batch indices 0, 1, 2, ... without end: training length is counted in optimizer steps
     (trainer.max_steps), so there are no epochs to restart; a resume moves TrainBatches' first sample."""

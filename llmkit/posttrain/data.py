@@ -25,7 +25,7 @@ import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader
 
-from llmkit.data.streaming import EndlessBatchIndices
+from llmkit.data.streaming import EndlessBatchIndices, samples_consumed
 from llmkit.data.tokenizer import Tokenizer
 from llmkit.posttrain.chat import Rendered, check_template, render_chat, truncate
 from llmkit.posttrain.formats import read_jsonl
@@ -163,11 +163,7 @@ class PostTrainDataModule(L.LightningDataModule):
 
     # ---- checkpoint state (as LMDataModule's) ---------------------------------------------------------
     def samples_consumed(self) -> int:
-        trainer = self.trainer
-        if trainer is None:
-            return self._start_sample
-        per_step = trainer.accumulate_grad_batches * trainer.world_size * self.batch_size
-        return self._start_sample + (trainer.global_step - self._start_step) * per_step
+        return samples_consumed(self.trainer, self.batch_size, self._start_sample, self._start_step)
 
     def state_dict(self) -> dict[str, Any]:
         return {"samples_consumed": self.samples_consumed(),

@@ -115,9 +115,31 @@ def _pair(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, int]:
     return ids, labels, batch["chosen_ids"].size(0)
 
 
+class PairObjective(Objective):
+    """A mean loss over (chosen, rejected) pairs; every micro-batch holds B of them, so the mean over
+    micro-batches that Lightning and DDP take is the mean over the step's pairs."""
+
+    val_metrics: dict[str, str] = {}  # val name -> key of the metrics `losses` returns
+
+    def losses(self, model: Transformer, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def training_loss(self, model: Transformer, batch: dict[str, Tensor], scale: float) -> StepOutput:
+        loss, metrics = self.losses(model, batch)
+        aux = model.pop_aux_losses()
+        return StepOutput(loss + sum(aux.values()), {"loss": loss.detach(), **metrics}, model.pop_metrics())
+
+    def validation(self, model: Transformer, batch: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+        loss, metrics = self.losses(model, batch)
+        model.pop_aux_losses()
+        n = torch.tensor(batch["chosen_ids"].size(0), device=loss.device)
+        return {"loss": (loss * n, n), **{name: (metrics[key] * n, n) for name, key in self.val_metrics.items()}}
+
+
 @OBJECTIVES.register("dpo")
-class DirectPreference(Objective):
+class DirectPreference(PairObjective):
     val_names = ("loss", "rewards/accuracies", "rewards/margins")
+    val_metrics = {"rewards/accuracies": "rewards/accuracies", "rewards/margins": "rewards/margins"}
 
     def __init__(self, beta: float = 0.1, loss: str = "sigmoid", label_smoothing: float = 0.0,
                  reference: str = "copy") -> None:
@@ -161,23 +183,11 @@ class DirectPreference(Objective):
                     return sequence_logprobs(model(ids), labels, average=self.average)
             return sequence_logprobs(self._frozen[0](ids), labels, average=self.average)
 
-    def _losses(self, model: Transformer, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def losses(self, model: Transformer, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         ids, labels, n = _pair(batch)
         policy = sequence_logprobs(model(ids), labels, average=self.average)  # (2B,)
         reference = self.reference_logprobs(model, batch, ids, labels)
         return dpo_loss(policy[:n], policy[n:], reference[:n], reference[n:], self.beta, self.kind, self.label_smoothing)
-
-    def training_loss(self, model: Transformer, batch: dict[str, Tensor], scale: float) -> StepOutput:
-        loss, metrics = self._losses(model, batch)  # a mean over pairs: every micro-batch holds B of them
-        aux = model.pop_aux_losses()
-        return StepOutput(loss + sum(aux.values()), {"loss": loss.detach(), **metrics}, model.pop_metrics())
-
-    def validation(self, model: Transformer, batch: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
-        loss, metrics = self._losses(model, batch)
-        model.pop_aux_losses()
-        n = torch.tensor(batch["chosen_ids"].size(0), device=loss.device)
-        return {"loss": (loss * n, n), "rewards/accuracies": (metrics["rewards/accuracies"] * n, n),
-                "rewards/margins": (metrics["rewards/margins"] * n, n)}
 
 
 def last_scored_positions(labels: Tensor) -> Tensor:
@@ -189,11 +199,12 @@ def last_scored_positions(labels: Tensor) -> Tensor:
 
 
 @OBJECTIVES.register("reward")
-class RewardModel(Objective):
+class RewardModel(PairObjective):
     """r(x, y) = w . h, h the final hidden state of the reply's last token; w starts at zero, so every
     pair starts at the Bradley-Terry loss ln 2."""
 
     val_names = ("loss", "accuracy")
+    val_metrics = {"accuracy": "reward/accuracy"}
 
     def __init__(self, margin: bool = False) -> None:
         super().__init__()
@@ -211,22 +222,11 @@ class RewardModel(Objective):
         picked = hidden[torch.arange(ids.size(0), device=ids.device), last]  # (2B, C)
         return self.head(picked).squeeze(-1).float()
 
-    def _losses(self, model: Transformer, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    def losses(self, model: Transformer, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         ids, labels, n = _pair(batch)
         r = self.scores(model, ids, labels)
         margin = batch.get("margin") if self.use_margin else None
         return bradley_terry_loss(r[:n], r[n:], margin)
-
-    def training_loss(self, model: Transformer, batch: dict[str, Tensor], scale: float) -> StepOutput:
-        loss, metrics = self._losses(model, batch)
-        aux = model.pop_aux_losses()
-        return StepOutput(loss + sum(aux.values()), {"loss": loss.detach(), **metrics}, model.pop_metrics())
-
-    def validation(self, model: Transformer, batch: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
-        loss, metrics = self._losses(model, batch)
-        model.pop_aux_losses()
-        n = torch.tensor(batch["chosen_ids"].size(0), device=loss.device)
-        return {"loss": (loss * n, n), "accuracy": (metrics["reward/accuracy"] * n, n)}
 
 
 # ---- precomputed reference log-probabilities ------------------------------------------------------------
