@@ -106,7 +106,8 @@ class LitLM(L.LightningModule):
         self.objective.on_fit_start(self)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
+        trainer = self._trainer
+        scale = trainer.accumulate_grad_batches * trainer.world_size if trainer is not None else 1
         out = self.objective.training_loss(self.model, batch, scale)
         for name, value in out.logs.items():
             self.log(f"train/{name}", value, prog_bar=name == "loss")
