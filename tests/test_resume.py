@@ -30,6 +30,7 @@ def command(run_dir: Path) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # 40 s of subprocess runs; in-process exact resume stays in the default run (test_training.py)
 def test_sigkill_then_resume_auto_gives_identical_weights(tmp_path: Path) -> None:
     env = {**os.environ, "LLMKIT_DATA_DIR": str(tmp_path / "cache")}
     reference = tmp_path / "reference"
