@@ -32,7 +32,7 @@ from llmkit.posttrain.formats import read_jsonl
 from llmkit.posttrain.packing import IGNORE, pack
 from llmkit.posttrain.rows import RowBatches, RowWindows, is_prepared, load_rows, save_rows
 
-PREPARE_VERSION = 1  # part of the fingerprint: bump when the rows a file becomes change
+PREPARE_VERSION = 2  # part of the fingerprint: bump when the rows a file becomes change
 
 
 class PostTrainDataModule(L.LightningDataModule):
@@ -211,20 +211,20 @@ class PreferenceDataModule(PostTrainDataModule):
             raise ValueError(f"{self.path} holds {records.format} records, not preference pairs (prompt, chosen, "
                              "rejected): use data=sft for them")
 
-    def rows(self, items: list[Any]) -> tuple[list[tuple[Rendered, Rendered]], dict[str, int]]:
+    def rows(self, items: list[Any]) -> tuple[list[tuple[Rendered, Rendered, float]], dict[str, int]]:
         pairs, dropped = [], 0
         for pair in items:
             sides = [render_chat([*pair.prompt, *reply], self.tokenizer, self.template, self.mask)
                      for reply in (pair.chosen, pair.rejected)]
             kept, _ = truncate(sides, self.seq_len)
             if len(kept) == 2:
-                pairs.append((kept[0], kept[1]))
+                pairs.append((kept[0], kept[1], pair.margin))
             else:
                 dropped += 1
         return pairs, {"pairs": len(items), "dropped_no_scored_tokens": dropped, "kept": len(pairs)}
 
-    def arrays(self, samples: list[tuple[Rendered, Rendered]]) -> dict[str, np.ndarray]:
-        out = {}
+    def arrays(self, samples: list[tuple[Rendered, Rendered, float]]) -> dict[str, np.ndarray]:
+        out = {"margin": np.array([pair[2] for pair in samples], dtype=np.float32)}
         for side, index in (("chosen", 0), ("rejected", 1)):
             packed = pack([pair[index] for pair in samples], self.seq_len, packing=False, pad_id=_pad_id(self.tokenizer))
             out[f"{side}_ids"], out[f"{side}_labels"] = packed.ids, packed.labels

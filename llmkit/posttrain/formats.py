@@ -43,6 +43,7 @@ class Preference:
     prompt: Conversation
     chosen: Conversation
     rejected: Conversation
+    margin: float = 0.0  # how much better chosen is (an optional `margin` field): the reward model's loss margin
 
 
 Record = Conversation | Preference
@@ -119,7 +120,10 @@ def sharegpt(record: dict[str, Any]) -> Conversation:
 def preference(record: dict[str, Any]) -> Preference:
     prompt = _side(record, "prompt", "user")
     chosen, rejected = (_strip_prompt(_side(record, name, "assistant"), prompt) for name in ("chosen", "rejected"))
-    return Preference(prompt, chosen, rejected)
+    margin = record.get("margin", 0.0)
+    if not isinstance(margin, int | float) or isinstance(margin, bool):
+        raise RecordError(f"field 'margin' must be a number, got {type(margin).__name__}")
+    return Preference(prompt, chosen, rejected, float(margin))
 
 
 def _side(record: dict[str, Any], name: str, role: str) -> Conversation:

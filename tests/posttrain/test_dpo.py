@@ -83,6 +83,16 @@ def test_a_zero_reward_head_gives_ln2(base: Path) -> None:
     assert out.loss.item() == pytest.approx(LN2, abs=1e-7)
 
 
+def test_the_reward_margin_enters_the_loss(base: Path) -> None:
+    loaded = load_checkpoint(base)
+    objective = RewardModel(margin=True)
+    objective.attach(loaded.model, str(base), "full")
+    batch = pair_batch(loaded.tokenizer, preference_records(4, seed=0))
+    batch["margin"] = torch.full((4,), 1.0)
+    out = objective.training_loss(loaded.model, batch, 1.0)
+    assert out.loss.item() == pytest.approx(math.log(1 + math.e), abs=1e-6)  # -log sigmoid(0 - 1) with a zero head
+
+
 def val_metrics(run: Path) -> list[dict[str, str]]:
     with open(run / "csv" / "metrics.csv") as f:
         return [row for row in csv.DictReader(f) if row.get("val/loss")]
