@@ -10,14 +10,16 @@ The tokenizer is the base model's (`tokenizer_from`, set to `init_from` by the c
 and model cannot disagree. Rows are prepared once per (file contents, settings, tokenizer) into
 `cache_dir/<kind>-<file>-<fingerprint>/` (llmkit/posttrain/rows.py) and read back on every rank and
 on resume; the counts (records, truncated, dropped with nothing scored, identical pairs) are in the
-manifest and in the run's summary.json. The split into train and val is a seeded shuffle of the
-samples, so it does not depend on the file's order of lines beyond their contents.
+manifest and in the run's summary.json. A record goes to val by the hash of its contents (as
+pre-training splits documents by name): the split, and so the prepared rows, do not depend on the
+run's seed, which only orders the training rows.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +91,7 @@ class PostTrainDataModule(L.LightningDataModule):
     def settings(self) -> dict[str, Any]:
         return {"kind": self.kind, "format": self.format, "template": self.template, "mask": self.mask,
                 "add_template_tokens": self.add_template_tokens, "packing": self.packing, "seq_len": self.seq_len,
-                "val_fraction": self.val_fraction, "seed": self.seed, "version": PREPARE_VERSION}
+                "val_fraction": self.val_fraction, "version": PREPARE_VERSION}
 
     def fingerprint(self) -> str:
         if not self.path.is_file():
@@ -108,18 +110,17 @@ class PostTrainDataModule(L.LightningDataModule):
         check_template(self.tokenizer, self.template)
         records = read_jsonl(self.path, self.format)
         self.check_records(records)
-        samples, counts = self.rows(records.items)
-        order = np.random.default_rng(self.seed).permutation(len(samples))
-        n_val = int(round(self.val_fraction * len(samples)))
-        if len(samples) - n_val < 1:
-            raise ValueError(f"{self.path}: no training samples left ({len(samples)} usable, {n_val} for val)")
-        splits = {"train": self.arrays([samples[i] for i in sorted(order[n_val:])])}
-        if n_val:
-            splits["val"] = self.arrays([samples[i] for i in sorted(order[:n_val])])
+        train_items, val_items = split_by_content(records.items, self.val_fraction)
+        train, counts = self.rows(train_items)
+        val, val_counts = self.rows(val_items)
+        if not train:
+            raise ValueError(f"{self.path}: no training samples left ({len(train_items)} records for training, "
+                             f"{counts.get('dropped_no_scored_tokens', 0)} of them with nothing scored in {self.seq_len} tokens)")
+        splits = {"train": self.arrays(train), **({"val": self.arrays(val)} if val else {})}
+        counts = {key: counts.get(key, 0) + val_counts.get(key, 0) for key in {**counts, **val_counts}}
         manifest = {"fingerprint": self.fingerprint(), "source": str(self.path), "format": records.format,
                     "settings": self.settings(), "tokenizer_fingerprint": self.tokenizer.fingerprint,
-                    "counts": {**records.counts, **counts, "train_rows": len(splits["train"]["ids" if "ids" in
-                               splits["train"] else "chosen_ids"])},
+                    "counts": {**records.counts, **counts, "train_samples": len(train), "val_samples": len(val)},
                     "splits": sorted(splits)}
         save_rows(directory, splits, manifest)
 
@@ -229,6 +230,17 @@ class PreferenceDataModule(PostTrainDataModule):
             packed = pack([pair[index] for pair in samples], self.seq_len, packing=False, pad_id=_pad_id(self.tokenizer))
             out[f"{side}_ids"], out[f"{side}_labels"] = packed.ids, packed.labels
         return out
+
+
+def split_by_content(items: list[Any], val_fraction: float) -> tuple[list[Any], list[Any]]:
+    """(train, val): a record goes to val by the hash of its contents, as pre-training splits documents by
+    name, so the split does not depend on the run's seed, the file's order, or what else the file holds."""
+    train, val = [], []
+    for item in items:
+        content = json.dumps(asdict(item) if is_dataclass(item) else item, sort_keys=True)
+        bucket = int.from_bytes(hashlib.sha256(content.encode()).digest()[:8], "big") / 2**64
+        (val if bucket < val_fraction else train).append(item)
+    return train, val
 
 
 def _pad_id(tokenizer: Tokenizer) -> int:
