@@ -280,13 +280,16 @@ class Job:
     async def events(self, request: Request) -> AsyncIterator[tuple[int, Event]]:
         """Events until every row has finished; cancels the rows if the client goes away."""
         while self.open:
-            try:
-                index, event = await asyncio.wait_for(self.queue.get(), timeout=0.5)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    self.cancel()
-                    return
-                continue
+            try:  # events already queued are taken without a timer (wait_for costs a task per call)
+                index, event = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                try:
+                    index, event = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        self.cancel()
+                        return
+                    continue
             if event.finish_reason is not None:
                 self.open -= 1
             yield index, event
