@@ -1,4 +1,5 @@
-"""llmkit prepare data=<config> [stage=...]: sources -> cleaning + splits -> tokenizer -> token shards + manifest."""
+"""llmkit prepare data=<config> [stage=...] [executor=local|slurm tasks=N]: sources -> cleaning + dedup + splits ->
+tokenizer -> token shards + manifest, in this process or as tasks on this machine or a SLURM cluster."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import llmkit  # noqa: F401  (registers the config resolvers)
 from llmkit.commands import CONFIG_PATH
@@ -22,28 +23,52 @@ def main(cfg: DictConfig) -> None:
     from hydra.utils import instantiate
 
     datamodule = instantiate(cfg.data)
+    executor = make_executor(cfg, datamodule.progress)
     start = time.perf_counter()
     if cfg.stage == "all":
-        datamodule.prepare_data()
-        describe(datamodule.dataset, time.perf_counter() - start)
+        describe(prepare_all(datamodule, executor, cfg.piece_mb), time.perf_counter() - start)
     else:
-        work = run_stage(cfg.stage, datamodule, Path(cfg.work_dir) / datamodule.label)
+        work = run_stage(cfg.stage, datamodule, Path(cfg.work_dir) / datamodule.label, executor, cfg.piece_mb)
         print(f"stage {cfg.stage} done in {time.perf_counter() - start:.1f} s: {work}")
 
 
-def run_stage(stage: str, datamodule, work: Path) -> Path:
-    from llmkit.data.pipeline import clean_stage, encode_stage, tokenizer_stage
+def make_executor(cfg: DictConfig, progress: bool):
+    from llmkit.data.executors import make_executor as build
+
+    slurm = OmegaConf.to_container(cfg.slurm, resolve=True) if cfg.slurm is not None else {}
+    return build(cfg.executor, cfg.tasks, cfg.retries, cfg.timeout_min, slurm, progress)
+
+
+def prepare_all(datamodule, executor, piece_mb: float):
+    """The dataset where `llmkit train` looks for it (data.cache_dir), prepared on `executor`."""
+    if datamodule.prepared is not None or executor.name == "none":
+        datamodule.prepare_data()  # the path train takes: nothing to prepare, or in this process
+        return datamodule.dataset
+    from llmkit.data.pipeline import prepare
+    from llmkit.data.prepared import PreparedDataset
+
+    out = prepare(datamodule.spec, datamodule.cache_dir, datamodule.label, datamodule.encode_processes,
+                  datamodule.progress, out=datamodule.data_dir(), executor=executor, piece_bytes=_bytes(piece_mb))
+    return PreparedDataset.open(out, datamodule.verify)
+
+
+def run_stage(stage: str, datamodule, work: Path, executor=None, piece_mb: float = 64) -> Path:
+    from llmkit.data.pipeline import clean_components, encode_stage, tokenizer_stage
 
     spec = datamodule.spec
     if stage == "clean":
-        for name in sorted(spec.components):
-            print(f"{name}: {clean_stage(spec, name, work, datamodule.progress)} documents per split")
+        for name, counts in clean_components(spec, work, executor, piece_bytes=_bytes(piece_mb)).items():
+            print(f"{name}: {counts} documents per split")
     elif stage == "tokenizer":
-        tokenizer = tokenizer_stage(spec, work)
+        tokenizer = tokenizer_stage(spec, work, executor)
         print(f"tokenizer: {tokenizer.kind}, {tokenizer.vocab_size} tokens, fingerprint {tokenizer.fingerprint}")
     else:
-        encode_stage(spec, work, datamodule.encode_processes, datamodule.progress)
+        encode_stage(spec, work, datamodule.encode_processes, datamodule.progress, executor)
     return work
+
+
+def _bytes(megabytes: float) -> int:
+    return int(megabytes * (1 << 20))
 
 
 def describe(dataset, seconds: float) -> None:

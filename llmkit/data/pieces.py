@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from llmkit.data.sources import FILE_READERS, SOURCES, Document, resolve_files, truncate
+from llmkit.data.sources import FILE_READERS, SOURCES, Document, _truncate, resolve_files
 
 COMPONENT_KEYS = ("source", "weight", "split_by")  # a component's own settings; the rest go to its source
 PIECE_BYTES = 64 << 20
@@ -72,7 +72,7 @@ def read_piece(options: dict[str, Any], piece: Piece) -> Iterator[Document]:
     reader = FILE_READERS[options.get("source", "text")]
     opts = {k: v for k, v in options.items() if k not in COMPONENT_KEYS and k not in ("path", "max_bytes")}
     docs = (doc for file in piece.files for doc in _named(reader(file, **opts), file))
-    yield from truncate(docs, options.get("max_bytes"))
+    yield from _truncate(docs, options.get("max_bytes"))
 
 
 # what a bad file raises: missing or unreadable (OSError), a damaged .gz (BadGzipFile is an OSError, EOFError when cut

@@ -78,20 +78,23 @@ def filter_piece(
 ) -> dict[str, Any]:
     """Drop the piece's duplicates, assign splits (`split`: method, val_fraction, test_fraction, key), write parts."""
     work_path = Path(work)
-    exact = set(layout.piece_slice(layout.load_positions([Path(f) for f in exact_files]), piece.index).tolist())
-    near = set(layout.piece_slice(np.load(near_file), piece.index).tolist()) if near_file else set()
+    exact = layout.piece_indices([Path(f) for f in exact_files], piece.index)
+    near = layout.piece_indices([Path(near_file)], piece.index) if near_file else set()
     stats = {name: {"removed": 0, "chars": 0, "examples": []} for name in DEDUP_FILTERS}
-    kept = _survivors(read_piece_docs(work_path, piece.component, piece.index), exact, near, stats)
-    assigned = assign_splits(kept, split["method"], split["val_fraction"], split["test_fraction"], split["key"])
-    splits = _write_parts(work_path, piece, assigned)
-    return {"dedup": stats, "splits": splits, "documents_out": sum(v["documents"] for v in splits.values()),
-            "chars_out": sum(v["chars"] for v in splits.values())}
+    kept = {"documents_out": 0, "chars_out": 0}  # before splitting: what the Cleaner's report counts
+    survivors = _survivors(read_piece_docs(work_path, piece.component, piece.index), exact, near, stats, kept)
+    assigned = assign_splits(survivors, split["method"], split["val_fraction"], split["test_fraction"], split["key"])
+    return {"dedup": stats, "splits": _write_parts(work_path, piece, assigned)} | kept
 
 
-def _survivors(docs: Iterator[Document], exact: set[int], near: set[int], stats: dict) -> Iterator[Document]:
+def _survivors(
+    docs: Iterator[Document], exact: set[int], near: set[int], stats: dict, kept: dict[str, int]
+) -> Iterator[Document]:
     for i, (name, text) in enumerate(docs):
         removed_by = "exact_dedup" if i in exact else "near_dedup" if i in near else None
         if removed_by is None:
+            kept["documents_out"] += 1
+            kept["chars_out"] += len(text)
             yield name, text
             continue
         entry = stats[removed_by]
@@ -102,7 +105,7 @@ def _survivors(docs: Iterator[Document], exact: set[int], near: set[int], stats:
 
 
 def _write_parts(work: Path, piece: Piece, docs: Iterator[tuple[str, Document]]) -> dict[str, dict[str, int]]:
-    counts = {s: {"documents": 0, "bytes": 0, "chars": 0} for s in SPLITS}
+    counts = {s: {"documents": 0, "bytes": 0} for s in SPLITS}
     paths = {s: layout.part_path(work, piece.component, s, piece.index) for s in SPLITS}
     with atomic_open(paths["train"]) as train, atomic_open(paths["val"]) as val, atomic_open(paths["test"]) as test:
         files = {"train": train, "val": val, "test": test}
@@ -111,7 +114,6 @@ def _write_parts(work: Path, piece: Piece, docs: Iterator[tuple[str, Document]])
             files[split].write(line)
             counts[split]["documents"] += 1
             counts[split]["bytes"] += len(line.encode("utf-8", errors="surrogatepass"))
-            counts[split]["chars"] += len(text)
     return counts
 
 

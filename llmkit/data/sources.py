@@ -29,7 +29,7 @@ SOURCES: Registry[Iterator[Document]] = Registry("data source")
 @SOURCES.register("stdlib")
 def stdlib_corpus(max_bytes: int | None = None, **_: object) -> Iterator[Document]:
     """pydoc topic texts, then the top-level standard-library modules, in a fixed order."""
-    return truncate(_stdlib_documents(), max_bytes)
+    return _truncate(_stdlib_documents(), max_bytes)
 
 
 def _stdlib_documents() -> Iterator[Document]:
@@ -46,7 +46,7 @@ def _stdlib_documents() -> Iterator[Document]:
 def text_files(path: str | list[str] | None = None, max_bytes: int | None = None, **_: object) -> Iterator[Document]:
     """Local text files: a path, a glob, or a list of them; each file is one document."""
     files = resolve_files(path, "text")
-    return truncate((doc for f in files for doc in read_text_file(f)), max_bytes)
+    return _truncate((doc for f in files for doc in read_text_file(f)), max_bytes)
 
 
 def read_text_file(file: str, **_: object) -> Iterator[Document]:
@@ -67,7 +67,7 @@ def jsonl_files(
     `id_field` value, else "<file>:<line number>". Empty lines are skipped; a line that is not
     JSON, or a record without the field, fails naming the file and line."""
     files = resolve_files(path, "jsonl")
-    return truncate(_jsonl_documents(files, text_field, id_field), max_bytes)
+    return _truncate(_jsonl_documents(files, text_field, id_field), max_bytes)
 
 
 def read_jsonl_file(file: str, text_field: str = "text", id_field: str | None = None, **_: object) -> Iterator[Document]:
@@ -126,7 +126,7 @@ def hf_dataset(
         )
     rows = _load_hf(dataset, data_files, subset, split, streaming, revision)
     docs = _hf_documents(rows, f"{dataset}:{split}", text_field, id_field)
-    return truncate(docs, max_bytes)
+    return _truncate(docs, max_bytes)
 
 
 def _load_hf(
@@ -206,7 +206,7 @@ def _text(record: Any, text_field: str, where: str) -> str:
     return text
 
 
-def truncate(docs: Iterable[Document], max_bytes: int | None) -> Iterator[Document]:
+def _truncate(docs: Iterable[Document], max_bytes: int | None) -> Iterator[Document]:
     """Pass documents on in order until max_bytes of UTF-8 text; the last one may be cut short.
 
     Stops pulling from `docs` as soon as the limit is reached, so a streamed source reads no more."""

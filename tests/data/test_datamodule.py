@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import llmkit.data.pipeline as pipeline
+import llmkit.data.prep_encode as prep_encode
 from llmkit.data import LMDataModule
 from llmkit.data.shards import MANIFEST, ShardError
 from llmkit.data.sources import stdlib_corpus
@@ -76,7 +77,7 @@ def test_second_prepare_data_reuses_the_dataset(text_file: Path, cache: Path, mo
     def no_rebuild(*args, **kwargs):
         raise AssertionError("the prepared dataset was rebuilt")
 
-    monkeypatch.setattr(pipeline, "clean_stage", no_rebuild)
+    monkeypatch.setattr(pipeline, "clean_components", no_rebuild)
     again = _ready(text_file, cache)
     assert _entries(cache) == [first.data_dir().name]
     assert (manifest.stat().st_mtime_ns, manifest.stat().st_ino) == stamp
@@ -247,6 +248,6 @@ def test_vocabulary_too_large_for_the_dtype(text_file: Path, cache: Path, monkey
         tokenizer.vocab_size = 70_000
         return tokenizer
 
-    monkeypatch.setattr(pipeline, "train_tokenizer", huge_vocabulary)
+    monkeypatch.setattr(prep_encode, "train_tokenizer", huge_vocabulary)
     with pytest.raises(ValueError, match="70000 tokens does not fit in uint16 shards.*data.dtype=uint32"):
         _dm(text_file, cache, dtype="uint16").prepare_data()
