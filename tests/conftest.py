@@ -1,7 +1,6 @@
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -41,13 +40,14 @@ def _slurm_answers() -> bool:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 4-step gqa_rope checkpoint with a sentencepiece tokenizer, trained once per test session through
-    the `llmkit` console script (generate, evaluate and export tests then run on it)."""
+    """A 4-step gqa_rope checkpoint with a sentencepiece tokenizer, trained once per test session, in this
+    process (generate, evaluate, export, serve and post-training tests then run on it; the console script
+    itself starts in tests/test_cli.py, and trains in the extended run)."""
+    from llmkit.cli import main as llmkit
+
     tmp = tmp_path_factory.mktemp("tiny_checkpoint")
-    cmd = [str(Path(sys.executable).parent / "llmkit"), "train", f"hydra.run.dir={tmp / 'run'}",
-           f"data.cache_dir={tmp / 'cache'}", *TINY_RUN, "model=gqa_rope", "model.d_model=64", "model.n_layers=2",
-           "model.n_heads=4"]
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    llmkit(["train", f"hydra.run.dir={tmp / 'run'}", f"data.cache_dir={tmp / 'cache'}", *TINY_RUN, "model=gqa_rope",
+            "model.d_model=64", "model.n_layers=2", "model.n_heads=4"])
     return tmp / "run" / "checkpoints" / "last.ckpt"
 
 

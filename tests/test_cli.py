@@ -120,6 +120,7 @@ def test_pyproject_ships_every_package_and_the_configs() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # two console-script starts; evaluate -m and export run in-process in the default run
 def test_evaluate_sweep_and_export_through_the_console_script(tiny_checkpoint: Path, tmp_path: Path) -> None:
     copies = [tmp_path / f"{name}.ckpt" for name in ("a", "b")]
     for copy in copies:

@@ -138,5 +138,10 @@ def test_llmkit_quantize_then_generate_and_evaluate_the_int8_directory(tiny_chec
     assert json.loads((tmp_path / "eval.json").read_text())["ppl"] > 1
     llmkit(["evaluate", f"ckpt={tiny_checkpoint}", f"text={text}", "quantize=int8", f"out={tmp_path / 'q.json'}"])
     assert json.loads((tmp_path / "q.json").read_text())["quantize"] == "int8"
+    copy = tmp_path / "copy.ckpt"
+    copy.write_bytes(tiny_checkpoint.read_bytes())
+    llmkit(["evaluate", "-m", f"ckpt={out},{copy}", f"text={text}"])  # a sweep: one report per checkpoint
+    reports = [json.loads(Path(f"{c}.eval.json").read_text()) for c in (out, copy)]
+    assert [r["ckpt"] for r in reports] == [str(out), str(copy)] and all(r["ppl"] > 1 for r in reports)
     with pytest.raises(SystemExit, match="nothing was overwritten"):
         llmkit(["quantize", f"ckpt={tiny_checkpoint}", f"out={out}"])

@@ -195,6 +195,7 @@ def test_two_process_ddp_rehearsal_on_cpu(ddp_run: Path, tmp_path: Path) -> None
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_a_failing_rank_zero_takes_the_other_ranks_down_with_it(tmp_path: Path) -> None:
     """Rank 0 cannot listen on its rendezvous port (held here); rank 1, its child, would otherwise
     wait for it for half an hour."""
@@ -267,6 +268,7 @@ def test_bf16_mixed_precision_with_gradient_accumulation(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # 2 processes x ~20 s; the extended run (.ci/run) runs it
 def test_two_process_fsdp_rehearsal_on_cpu_writes_a_sharded_checkpoint(fsdp_run: Path, tmp_path: Path) -> None:
     run_dir = fsdp_run
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -294,6 +296,7 @@ def first_steps(run_dir: Path, key: str, steps: int = 4) -> dict[int, float]:
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_fsdp_and_ddp_on_two_processes_train_the_same_model(fsdp_run: Path, ddp_run: Path) -> None:
     """Sharding changes where the weights live, not the training: the same losses and the same
     (whole-model, pre-clipping) gradient norm, which FSDP computes over its shards."""
@@ -330,6 +333,7 @@ def test_ddp_inside_a_hydra_multirun(ddp_sweep: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_sharded_checkpoint_resumes_at_a_different_world_size(fsdp_run: Path, tmp_path: Path, capsys) -> None:
     """Written by 2 FSDP ranks, resumed by 1: the distributed checkpoint reshards on load."""
     ckpt = fsdp_run / "checkpoints" / "last.ckpt"

@@ -129,6 +129,7 @@ def test_reward_model_learns_to_rank_the_chosen_reply(base: Path, tmp_path: Path
     assert scores["pairs"] == 20 and scores["accuracy"] > 0.9 and scores["mean_margin"] > 0
 
 
+@pytest.mark.extended  # the SFT equivalence (tests/posttrain/test_sft.py) stays in the default run
 def test_dpo_micro_batch_8_equals_micro_batch_2_times_accumulation_4(base: Path, tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "pairs.jsonl", preference_records(64, seed=0))
     steps = ["trainer.max_steps=5", "trainer.val_check_interval=5", "data.val_fraction=0", "data.seq_len=32"]
