@@ -35,15 +35,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     if "model_config" not in checkpoint:
         raise ValueError(f"{path} is not an llmkit checkpoint (it has no 'model_config')")
-    prefix = "model."
-    weights = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     if "lora" in checkpoint:  # an adapter checkpoint: its base, the adapters, merged (llmkit/posttrain/lora.py)
         from llmkit.posttrain.lora import merged_from_adapter_checkpoint
 
         model = merged_from_adapter_checkpoint(checkpoint, map_location)
     else:
+        prefix = "model."
         model = Transformer(ModelConfig.from_dict(checkpoint["model_config"]))
-        model.load_state_dict(weights)
+        model.load_state_dict({k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
     state = tokenizer_state(checkpoint)
     tokenizer = tokenizer_from_state(state) if state is not None else None
     return Loaded(model.eval(), tokenizer, int(checkpoint.get("global_step", 0)), checkpoint)

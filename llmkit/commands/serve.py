@@ -11,6 +11,10 @@ from llmkit.commands import CONFIG_PATH, pick_device, require
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="serve")
 def main(cfg: DictConfig) -> None:
     require(cfg, "ckpt", "outputs/<run>/checkpoints/last.ckpt")
+    from pathlib import Path
+
+    if not Path(cfg.ckpt).exists():  # before the server starts: /health would only ever say "failed"
+        raise SystemExit(f"ckpt={cfg.ckpt}: no such checkpoint file or int8 directory")
     try:
         import uvicorn
 

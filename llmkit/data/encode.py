@@ -90,12 +90,12 @@ def _encode_batch(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
     return encoded
 
 
-def _chunks(docs: Iterable[Document], chunk_chars: int) -> Iterator[list[str]]:
-    """Groups of documents of about chunk_chars characters: big enough to amortise inter-process
-    traffic, small enough to keep every worker busy."""
+def batched_by_chars(texts: Iterable[str], chunk_chars: int) -> Iterator[list[str]]:
+    """Groups of texts of about chunk_chars characters: big enough to amortise per-call (or
+    inter-process) overhead, small enough to keep every worker busy and memory flat."""
     chunk: list[str] = []
     size = 0
-    for _, text in docs:
+    for text in texts:
         chunk.append(text)
         size += len(text)
         if size >= chunk_chars:
@@ -121,7 +121,7 @@ def encode_to_shards(
 def _encoded_chunks(
     docs: Iterable[Document], tokenizer: Tokenizer, processes: int, chunk_chars: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    chunks = _chunks(docs, chunk_chars)
+    chunks = batched_by_chars((text for _, text in docs), chunk_chars)
     if processes <= 1:  # in this process, with the tokenizer's own threading
         _init_worker(tokenizer)
         yield from map(_encode_chunk, chunks)

@@ -25,6 +25,7 @@ import numpy as np
 
 from llmkit.data import layout
 from llmkit.data.dedup import NearDuplicateFilter
+from llmkit.data.encode import batched_by_chars
 from llmkit.data.files import atomic_path, save_array_atomic
 from llmkit.data.pieces import Piece
 
@@ -56,17 +57,8 @@ def minhash_piece(near_dedup: dict[str, Any], piece: Piece, work: str, documents
 
 
 def _text_batches(path: Path) -> Any:
-    batch, size = [], 0
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            text = json.loads(line)["text"]
-            batch.append(text)
-            size += len(text)
-            if size >= SIGNATURE_BATCH_CHARS:
-                yield batch
-                batch, size = [], 0
-    if batch:
-        yield batch
+        yield from batched_by_chars((json.loads(line)["text"] for line in f), SIGNATURE_BATCH_CHARS)
 
 
 def exact_partition(work: str, component: str, pieces: int, part: int, parts: int) -> dict[str, Any]:

@@ -73,22 +73,20 @@ class LitLM(L.LightningModule):
         model, tokenizer = load_base(init_from)
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         theirs = getattr(datamodule, "tokenizer", None)
-        if theirs is not None and theirs.fingerprint != tokenizer.fingerprint and getattr(
-            datamodule, "base_fingerprint", None
-        ) == tokenizer.fingerprint:  # the data added the chat template's tokens (data.add_template_tokens)
+        if theirs is None or theirs.fingerprint == tokenizer.fingerprint:
+            return model
+        if getattr(datamodule, "base_fingerprint", None) == tokenizer.fingerprint:  # data.add_template_tokens
             from llmkit.posttrain.base import resize_vocabulary
 
             if self.finetune["name"] == "lora":
                 raise ValueError("data.add_template_tokens=true needs finetune=full: with LoRA the new embedding rows "
                                  "would stay at their initial values and not be saved")
             return resize_vocabulary(model, theirs.vocab_size)
-        if theirs is not None and theirs.fingerprint != tokenizer.fingerprint:
-            raise ValueError(
-                f"init_from={init_from} was trained with another tokenizer ({tokenizer.kind}, vocab {tokenizer.vocab_size}, "
-                f"fingerprint {tokenizer.fingerprint}) than this run's data ({theirs.kind}, vocab {theirs.vocab_size}, "
-                f"fingerprint {theirs.fingerprint}); prepare the data with the base model's tokenizer "
-                "(data.tokenizer_path=, or data=sft / data=preference, which use init_from's)")
-        return model
+        raise ValueError(
+            f"init_from={init_from} was trained with another tokenizer ({tokenizer.kind}, vocab {tokenizer.vocab_size}, "
+            f"fingerprint {tokenizer.fingerprint}) than this run's data ({theirs.kind}, vocab {theirs.vocab_size}, "
+            f"fingerprint {theirs.fingerprint}); prepare the data with the base model's tokenizer "
+            "(data.tokenizer_path=, or data=sft / data=preference, which use init_from's)")
 
     def configure_optimizers(self) -> dict[str, Any]:
         optim = dict(self.hparams.optim)

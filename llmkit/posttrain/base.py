@@ -89,4 +89,6 @@ def base_tokenizer(init_from: str | Path) -> Tokenizer:
 def _checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"init_from={path}: no such checkpoint file (or Hugging Face directory with config.json)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    # memory-mapped: the config and tokenizer are read without reading the weights (the datamodule and the
+    # planner ask before the model is built; a large base would otherwise be read whole each time)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)

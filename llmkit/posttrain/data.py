@@ -56,6 +56,7 @@ class PostTrainDataModule(L.LightningDataModule):
         self.add_template_tokens = add_template_tokens
         self.base_fingerprint: str | None = None  # the base model's tokenizer, before any added tokens
         self._tokenizer: Tokenizer | None = None
+        self._fingerprint: str | None = None
         self.splits: dict[str, dict[str, np.ndarray]] | None = None
         self.manifest: dict[str, Any] = {}
         self._start_sample, self._start_step = 0, 0
@@ -94,11 +95,14 @@ class PostTrainDataModule(L.LightningDataModule):
                 "val_fraction": self.val_fraction, "version": PREPARE_VERSION}
 
     def fingerprint(self) -> str:
-        if not self.path.is_file():
-            raise FileNotFoundError(f"data.path={self.path}: no such file")
-        digest = hashlib.sha256(self.path.read_bytes()).hexdigest()
-        key = json.dumps({"file": digest, **self.settings(), "tokenizer": self.tokenizer.fingerprint}, sort_keys=True)
-        return hashlib.sha256(key.encode()).hexdigest()[:12]
+        """Of the file's bytes, the settings and the tokenizer; hashed once (every checkpoint records it)."""
+        if self._fingerprint is None:
+            if not self.path.is_file():
+                raise FileNotFoundError(f"data.path={self.path}: no such file")
+            digest = hashlib.sha256(self.path.read_bytes()).hexdigest()
+            key = json.dumps({"file": digest, **self.settings(), "tokenizer": self.tokenizer.fingerprint}, sort_keys=True)
+            self._fingerprint = hashlib.sha256(key.encode()).hexdigest()[:12]
+        return self._fingerprint
 
     def directory(self) -> Path:
         return self.cache_dir / f"{self.kind}-{self.path.stem}-{self.fingerprint()}"

@@ -228,3 +228,8 @@ def test_a_cancelled_stream_frees_its_row(serve_checkpoint) -> None:
         assert after["llmkit_generation_tokens_total"] < CONTEXT - 10
     finally:
         stop()
+
+
+def test_llmkit_serve_refuses_a_missing_checkpoint_before_listening(tmp_path) -> None:
+    with pytest.raises(SystemExit, match="no such checkpoint file or int8 directory"):
+        llmkit(["serve", f"ckpt={tmp_path / 'nope.ckpt'}"])
