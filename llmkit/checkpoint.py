@@ -1,5 +1,6 @@
 """Load a trained model and its tokenizer from a Lightning checkpoint, without unpickling
-arbitrary objects (`torch.load(weights_only=True)`)."""
+arbitrary objects (`torch.load(weights_only=True)`); an adapter checkpoint is loaded onto the base it
+names and merged. Loading imports no training package (llmkit/posttrain, llmkit/lit): tests/test_structure.py."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from typing import Any
 
 import torch
 
-from llmkit.data.tokenizer import Tokenizer, tokenizer_from_state
+from llmkit.adapters.lora import ADAPTER_PARAMS, LoraConfig, apply_lora, load_lora_state_dict, merge_lora, strip_merged
 from llmkit.model import ModelConfig, Transformer
+from llmkit.text.tokenizer import Tokenizer, tokenizer_from_state
 
 _DATA_STATE = "LMDataModule"
 
@@ -35,8 +37,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     if "model_config" not in checkpoint:
         raise ValueError(f"{path} is not an llmkit checkpoint (it has no 'model_config')")
-    if "lora" in checkpoint:  # an adapter checkpoint: its base, the adapters, merged (llmkit/posttrain/lora.py)
-        from llmkit.posttrain.lora import merged_from_adapter_checkpoint
+    if "lora" in checkpoint:  # an adapter checkpoint: its base, the adapters, merged (llmkit/adapters/lora.py)
+        from llmkit.adapters.lora import merged_from_adapter_checkpoint
 
         model = merged_from_adapter_checkpoint(checkpoint, map_location)
     else:
@@ -56,6 +58,44 @@ def tokenizer_state(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
         if isinstance(state, dict) and isinstance(state.get("tokenizer"), dict) and "kind" in state["tokenizer"]:
             return state["tokenizer"]
     return None
+
+
+def load_base(init_from: str | Path, map_location: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer]:
+    """(model in train mode, tokenizer) from a llmkit checkpoint file or a Hugging Face directory."""
+    path = Path(init_from).expanduser()
+    if path.is_dir() and (path / "config.json").exists():
+        from llmkit.hf import import_hf
+
+        model, tokenizer = import_hf(path)
+    else:
+        from llmkit.checkpoint import load_checkpoint
+
+        loaded = load_checkpoint(path, map_location=map_location)
+        model, tokenizer = loaded.model, loaded.tokenizer
+    if tokenizer is None:
+        raise ValueError(f"init_from={init_from} holds no tokenizer, so post-training data cannot be encoded for it")
+    return model.train(), tokenizer
+
+
+def adapted_from_checkpoint(checkpoint: dict, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """A LoRA run's checkpoint holds the adapters and names its base (`checkpoint["lora"]`): the base
+    model with those adapters on (not merged), as the run trained it."""
+    info = checkpoint["lora"]
+    model, _ = load_base(info["base"], map_location)
+    apply_lora(model, LoraConfig(**info["config"]))
+    prefix = "model."
+    adapters = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items()
+                if k.startswith(prefix) and k.endswith(ADAPTER_PARAMS)}
+    load_lora_state_dict(model, adapters)
+    return model.eval()
+
+
+def merged_from_adapter_checkpoint(checkpoint: dict, map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """The same, merged into plain Linear layers: for inference, quantization and export."""
+    model = adapted_from_checkpoint(checkpoint, map_location)
+    merge_lora(model, keep_original=False)
+    strip_merged(model)
+    return model
 
 
 def load_for_inference(

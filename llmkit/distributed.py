@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.device_mesh import DeviceMesh
 
-from llmkit.lit.checkpointing import replace_directory
+from llmkit.checkpoint_files import replace_directory
 from llmkit.model import Transformer
 from llmkit.recompute import apply_activation_checkpointing  # noqa: F401  (re-exported: the strategies apply it too)
 

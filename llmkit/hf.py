@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llmkit.data.tokenizer import CharTokenizer, SentencePieceTokenizer, Tokenizer
 from llmkit.model import ModelConfig, Transformer
+from llmkit.text.tokenizer import CharTokenizer, SentencePieceTokenizer, Tokenizer
 
 LLMKIT_CONFIG_KEY = "llmkit_model_config"
 TOKENIZER_FILE = "llmkit_tokenizer.json"  # not tokenizer.json: that name belongs to HF fast tokenizers
@@ -178,13 +178,13 @@ def hf_state_dict(model: Transformer) -> dict[str, Tensor]:
             out[hf] = torch.zeros(weight.size(0), dtype=weight.dtype)
     if family != "gpt2":
         for i in range(cfg.n_layers):
-            _export_qkv(sd, out, cfg, f"blocks.{i}.", f"model.layers.{i}.")
+            export_qkv(sd, out, cfg, f"blocks.{i}.", f"model.layers.{i}.")
             if family == "mixtral":
                 _export_experts(sd, out, f"blocks.{i}.", f"model.layers.{i}.")
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 
-def _export_qkv(sd: dict[str, Tensor], out: dict[str, Tensor], cfg: ModelConfig, p: str, h: str) -> None:
+def export_qkv(sd: dict[str, Tensor], out: dict[str, Tensor], cfg: ModelConfig, p: str, h: str) -> None:
     """Our fused (q | k | v) projection as Hugging Face's three."""
     C, kv = cfg.d_model, _opt(cfg.attention, "n_kv_heads", cfg.n_heads) * cfg.head_dim
     for suffix in ("weight", "bias"):

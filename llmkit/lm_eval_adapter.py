@@ -24,10 +24,10 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from llmkit.checkpoint import load_checkpoint
-from llmkit.data.tokenizer import Tokenizer
 from llmkit.evaluate import nll_sum
 from llmkit.generation import generate
 from llmkit.model import Transformer
+from llmkit.text.tokenizer import Tokenizer
 
 
 @register_model("llmkit")

@@ -170,7 +170,7 @@ def load_quantized(path: str | Path, backend: str = "auto", device: str | torch.
     """(model, tokenizer or None, config dict) from a directory written by save_quantized."""
     from safetensors.torch import load_file
 
-    from llmkit.data.tokenizer import load_tokenizer
+    from llmkit.text.tokenizer import load_tokenizer
 
     path = Path(path)
     if not is_quantized_dir(path):

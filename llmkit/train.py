@@ -16,9 +16,10 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
+from llmkit.checkpoint_files import find_resume_checkpoint
 from llmkit.distributed import choose_rendezvous_port, process_group_scope, stop_child_ranks, use_hydra_rank_command
 from llmkit.hardware import check_hardware, set_matmul_precision
-from llmkit.lit.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
+from llmkit.lit.checkpointing import AtomicCheckpointIO
 from llmkit.lit.module import LitLM
 from llmkit.plan import preflight
 from llmkit.run_summary import choices, failed_summary, finish_wandb, log_run_info, run_summary

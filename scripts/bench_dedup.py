@@ -11,7 +11,7 @@ Passes: `exact`; `near`, as the preparation pipeline runs it: signatures in batc
 the LSH index in input order; `near/doc`, one signature per call (the streaming Cleaner's path); `cleaner`, the whole
 Cleaner (transforms, quality rules, exact and near dedup). MB/s are per process.
 
-  python scripts/bench_dedup.py [--docs 5000] [--text /work/shared/data/tinyshakespeare.txt] [--seed 0]
+  python scripts/bench_dedup.py [--docs 5000] [--text ../shared/data/tinyshakespeare.txt] [--seed 0]
 
 About 15 seconds on 2 CPU cores with the defaults.
 """
@@ -132,7 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--docs", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--text", type=Path, default=Path("/work/shared/data/tinyshakespeare.txt"))
+    parser.add_argument("--text", type=Path, default=ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
     args = parser.parse_args()
 
     docs = synthetic_corpus(args.docs, args.seed)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from llmkit.data.encode import ShardWriter, encode_to_shards  # noqa: E402
 from llmkit.data.sources import Document, stdlib_corpus  # noqa: E402
-from llmkit.data.tokenizer import train_tokenizer  # noqa: E402
+from llmkit.text.tokenizer import train_tokenizer  # noqa: E402
 
 
 def tokenizer_training(text: str, vocab: int) -> dict[str, float]:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from llmkit.data.tokenizer import CharTokenizer
 from llmkit.explore.page import payload, render
 from llmkit.model import ModelConfig, Transformer
+from llmkit.text.tokenizer import CharTokenizer
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,11 +23,11 @@ import time
 
 import torch
 
+from llmkit.adapters.lora import LoraConfig, apply_lora
 from llmkit.lit.optim import adamw
 from llmkit.model import ModelConfig, Transformer
-from llmkit.posttrain.chat import Rendered
-from llmkit.posttrain.lora import LoraConfig, apply_lora
 from llmkit.posttrain.packing import pack
+from llmkit.text.chat import Rendered
 
 
 class Stepper:

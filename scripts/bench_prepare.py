@@ -31,8 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llmkit.data.executors import make_executor  # noqa: E402
-from llmkit.data.pipeline import DataSpec, prepare  # noqa: E402
+from llmkit.data.prep.executors import make_executor  # noqa: E402
+from llmkit.data.prep.pipeline import DataSpec, prepare  # noqa: E402
 
 GROUPS = {"clean": ["clean"], "dedup": ["minhash", "buckets", "clusters", "filter", "gather"],
           "tokenize": ["tokenizer"], "encode": ["encode", "shards"]}

@@ -33,8 +33,8 @@ from pathlib import Path
 import httpx
 import torch
 
-from llmkit.data.tokenizer import CharTokenizer
 from llmkit.model import ModelConfig, Transformer
+from llmkit.text.tokenizer import CharTokenizer
 
 MODELS = {
     "tiny": dict(vocab_size=2048, d_model=128, n_layers=4, n_heads=4, max_seq_len=256),

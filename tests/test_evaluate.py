@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 from llmkit.cli import main as llmkit
 from llmkit.data.shards import MANIFEST, MANIFEST_FORMAT, VERSION, write_shard
-from llmkit.data.tokenizer import CharTokenizer
 from llmkit.evaluate import perplexity, windows
 from llmkit.model import Transformer
+from llmkit.text.tokenizer import CharTokenizer
 from tests.model.helpers import tiny_model
 
 

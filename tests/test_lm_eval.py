@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from llmkit.cli import main as llmkit
-from llmkit.data.tokenizer import CharTokenizer
 from llmkit.evaluate import perplexity
 from llmkit.generation import generate
 from llmkit.model import Transformer
+from llmkit.text.tokenizer import CharTokenizer
 from tests.model.helpers import tiny_model
 
 pytest.importorskip("lm_eval")

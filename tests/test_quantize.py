@@ -13,10 +13,10 @@ from safetensors.torch import save_file
 
 from llmkit import quantize as q
 from llmkit.cli import main as llmkit
-from llmkit.data.tokenizer import CharTokenizer
 from llmkit.evaluate import perplexity
 from llmkit.generation import generate
 from llmkit.model import ModelConfig, Transformer
+from llmkit.text.tokenizer import CharTokenizer
 from tests.model.helpers import tiny_model
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmkit.lit.checkpointing import AtomicCheckpointIO, find_resume_checkpoint, replace_directory
+from llmkit.checkpoint_files import find_resume_checkpoint, replace_directory
+from llmkit.lit.checkpointing import AtomicCheckpointIO
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [

@@ -28,11 +28,10 @@ def export_adapter(cfg: DictConfig) -> None:
     """A LoRA run's adapters alone, in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
     import torch
 
-    from llmkit.checkpoint import tokenizer_state
-    from llmkit.data.tokenizer import tokenizer_from_state
+    from llmkit.checkpoint import adapted_from_checkpoint, tokenizer_state
     from llmkit.hf import ExportError
-    from llmkit.posttrain.lora import adapted_from_checkpoint
     from llmkit.posttrain.peft_format import save_peft_adapter
+    from llmkit.text.tokenizer import tokenizer_from_state
 
     checkpoint = torch.load(cfg.ckpt, map_location="cpu", weights_only=True)
     if "lora" not in checkpoint:

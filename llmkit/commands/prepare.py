@@ -33,7 +33,7 @@ def main(cfg: DictConfig) -> None:
 
 
 def make_executor(cfg: DictConfig, progress: bool):
-    from llmkit.data.executors import make_executor as build
+    from llmkit.data.prep.executors import make_executor as build
 
     slurm = OmegaConf.to_container(cfg.slurm, resolve=True) if cfg.slurm is not None else {}
     return build(cfg.executor, cfg.tasks, cfg.retries, cfg.timeout_min, slurm, progress)
@@ -44,7 +44,7 @@ def prepare_all(datamodule, executor, piece_mb: float):
     if datamodule.prepared is not None or executor.name == "none":
         datamodule.prepare_data()  # the path train takes: nothing to prepare, or in this process
         return datamodule.dataset
-    from llmkit.data.pipeline import prepare
+    from llmkit.data.prep.pipeline import prepare
     from llmkit.data.prepared import PreparedDataset
 
     out = prepare(datamodule.spec, datamodule.cache_dir, datamodule.label, datamodule.encode_processes,
@@ -53,7 +53,7 @@ def prepare_all(datamodule, executor, piece_mb: float):
 
 
 def run_stage(stage: str, datamodule, work: Path, executor=None, piece_mb: float = 64) -> Path:
-    from llmkit.data.pipeline import clean_components, encode_stage, tokenizer_stage
+    from llmkit.data.prep.pipeline import clean_components, encode_stage, tokenizer_stage
 
     spec = datamodule.spec
     if stage == "clean":

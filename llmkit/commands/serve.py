@@ -22,7 +22,7 @@ def main(cfg: DictConfig) -> None:
     except ImportError as err:
         raise SystemExit(f"llmkit serve needs the serve extra: pip install -e '.[serve]' ({err})") from err
     if cfg.chat_template is not None:
-        from llmkit.posttrain.chat import CHAT_TEMPLATES
+        from llmkit.text.chat import CHAT_TEMPLATES
 
         CHAT_TEMPLATES.get(cfg.chat_template)  # an unknown name fails here, listing the templates
     settings = ServeSettings(model_name=cfg.model_name or str(cfg.ckpt), max_batch=cfg.max_batch,

@@ -20,7 +20,7 @@ def main(cfg: DictConfig) -> None:
     if cfg.kind not in KINDS:
         raise SystemExit(f"unknown kind '{cfg.kind}'; valid: {', '.join(KINDS)}")
     from llmkit.data.sources import SOURCES
-    from llmkit.data.tokenizer import train_tokenizer
+    from llmkit.text.tokenizer import train_tokenizer
 
     started = time.perf_counter()
     texts = [text for _, text in SOURCES.build("text", path=[str(p) for p in as_list(cfg.input)])]

@@ -1,4 +1,5 @@
-"""Data: sources, cleaning, splits, tokenizers, shards, streaming and the LightningDataModule."""
+"""Data: sources, cleaning, splits, shards, streaming and the LightningDataModule; the staged preparation
+pipeline (clean, dedup, encode as units of work on any executor) lives in llmkit/data/prep/."""
 
 from typing import Any
 

@@ -1,6 +1,6 @@
 """LightningDataModule: raw documents -> prepared token shards -> batches that resume exactly.
 
-`prepare_data` (one process per node) runs the pipeline (llmkit/data/pipeline.py) unless the
+`prepare_data` (one process per node) runs the pipeline (llmkit/data/prep/pipeline.py) unless the
 dataset for these settings is already under `cache_dir`, or fetches a prepared dataset from a
 path or fsspec URL (`prepared=`). `setup` opens it: the manifest, the tokenizer and (by default)
 every shard's checksum. Training batches are addressed by a global sample index
@@ -18,7 +18,7 @@ import lightning as L
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from llmkit.data.pipeline import DataSpec, dataset_dir, prepare
+from llmkit.data.prep.pipeline import DataSpec, dataset_dir, prepare
 from llmkit.data.prepared import PreparedDataset
 from llmkit.data.remote import cache_path, is_remote, localize
 from llmkit.data.shards import ShardError
@@ -31,7 +31,7 @@ from llmkit.data.streaming import (
     ValidationWindows,
     samples_consumed,
 )
-from llmkit.data.tokenizer import Tokenizer
+from llmkit.text.tokenizer import Tokenizer
 
 SAMPLINGS = ("epoch", "random")
 
@@ -214,7 +214,7 @@ def _plain(value: Any) -> Any:
 
 def _check_tokenizer(dataset: PreparedDataset, tokenizer_path: str) -> None:
     """A prepared dataset named together with a tokenizer: they must be the same tokenizer."""
-    from llmkit.data.tokenizer import load_pretrained_tokenizer
+    from llmkit.text.tokenizer import load_pretrained_tokenizer
 
     given = load_pretrained_tokenizer(tokenizer_path)
     if given.fingerprint != dataset.tokenizer.fingerprint:

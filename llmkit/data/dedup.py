@@ -1,7 +1,7 @@
 """Exact and near-duplicate detection: SHA-256 digests, and MinHash signatures (llmkit/data/minhash.py) indexed with
 LSH banding.
 
-The near-duplicate rule, the same in one process and across any number of tasks (llmkit/data/prep_dedup.py): visit
+The near-duplicate rule, the same in one process and across any number of tasks (llmkit/data/prep/dedup.py): visit
 documents in input order; a document is a near duplicate when an earlier *kept* document shares one of its LSH bands
 and their signatures agree on at least `threshold` of their values (the estimated Jaccard similarity of their shingle
 sets). Duplicates are not indexed, so in a chain a~b~c with a and c unlike each other, a and c are kept.

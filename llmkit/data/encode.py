@@ -16,7 +16,7 @@ import numpy as np
 
 from llmkit.data.shards import write_shard
 from llmkit.data.sources import Document
-from llmkit.data.tokenizer import Tokenizer
+from llmkit.text.tokenizer import Tokenizer
 
 _tokenizer: Tokenizer | None = None  # set in each worker process by _init_worker
 

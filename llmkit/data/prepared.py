@@ -10,7 +10,7 @@ import numpy as np
 
 from llmkit.data.shards import DTYPES, ShardError, data_fingerprint, read_manifest, verify_checksums
 from llmkit.data.streaming import TokenStream
-from llmkit.data.tokenizer import Tokenizer, load_tokenizer
+from llmkit.text.tokenizer import Tokenizer, load_tokenizer
 
 
 @dataclass

@@ -75,7 +75,7 @@ def read_jsonl_file(file: str, text_field: str = "text", id_field: str | None = 
 
 
 # Sources whose documents come file by file, each file on its own: the file list can be cut into pieces that
-# separate tasks read (llmkit/data/pieces.py), and the pieces' documents, in order, are the source's documents.
+# separate tasks read (llmkit/data/prep/pieces.py), and the pieces' documents, in order, are the source's documents.
 FILE_READERS = {"text": read_text_file, "jsonl": read_jsonl_file}
 
 

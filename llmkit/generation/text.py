@@ -11,7 +11,7 @@ from llmkit.generation.sampling import stream
 from llmkit.model import Transformer
 
 if TYPE_CHECKING:
-    from llmkit.data.tokenizer import Tokenizer
+    from llmkit.text.tokenizer import Tokenizer
 
 _INCOMPLETE = "\ufffd"  # what decoding gives for the first bytes of a character split over byte tokens
 

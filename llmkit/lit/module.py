@@ -54,7 +54,7 @@ class LitLM(L.LightningModule):
         self.model = self._base(init_from) if init_from else Transformer(self.model_config())
         self.objective.attach(self.model, init_from, self.finetune["name"])
         if self.finetune["name"] == "lora":
-            from llmkit.posttrain.lora import LoraConfig, apply_lora
+            from llmkit.adapters.lora import LoraConfig, apply_lora
 
             if not init_from:
                 raise ValueError("finetune=lora adapts a trained model: give init_from=<llmkit checkpoint | HF dir>")
@@ -68,7 +68,7 @@ class LitLM(L.LightningModule):
 
     def _base(self, init_from: str) -> Transformer:
         """The base model's weights; its tokenizer must be the one the data is encoded with."""
-        from llmkit.posttrain.base import load_base
+        from llmkit.checkpoint import load_base
 
         model, tokenizer = load_base(init_from)
         datamodule = self.trainer.datamodule if self._trainer is not None else None
@@ -164,7 +164,7 @@ class LitLM(L.LightningModule):
         if template is not None:  # what llmkit serve renders chat requests with
             checkpoint["chat_template"] = template
         if self.finetune["name"] == "lora":  # the adapters (and the objective's head), and which base they adapt
-            from llmkit.posttrain.lora import ADAPTER_PARAMS
+            from llmkit.adapters.lora import ADAPTER_PARAMS
 
             config = {k: (list(v) if k == "targets" else v) for k, v in self.finetune.items() if k != "name"}
             checkpoint["lora"] = {"base": str(self.hparams.init_from), "config": config}

@@ -1,4 +1,6 @@
-"""The model post-training starts from (`init_from=`): a llmkit checkpoint or a Hugging Face directory.
+"""What post-training needs to know of the model it starts from (`init_from=`: a llmkit checkpoint or a Hugging
+Face directory, loaded by llmkit/checkpoint.py's `load_base`): its config and tokenizer without the weights,
+and a vocabulary grown for added special tokens.
 
 Weights only: the optimizer, schedule and data position start fresh (resuming a post-training run is
 `ckpt_path=` / `resume=auto`, as for pre-training). The tokenizer comes with the weights, and the
@@ -12,25 +14,9 @@ from typing import Any
 
 import torch
 
-from llmkit.data.tokenizer import Tokenizer
+from llmkit.checkpoint import load_base
 from llmkit.model import ModelConfig, Transformer
-
-
-def load_base(init_from: str | Path, map_location: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer]:
-    """(model in train mode, tokenizer) from a llmkit checkpoint file or a Hugging Face directory."""
-    path = Path(init_from).expanduser()
-    if path.is_dir() and (path / "config.json").exists():
-        from llmkit.hf import import_hf
-
-        model, tokenizer = import_hf(path)
-    else:
-        from llmkit.checkpoint import load_checkpoint
-
-        loaded = load_checkpoint(path, map_location=map_location)
-        model, tokenizer = loaded.model, loaded.tokenizer
-    if tokenizer is None:
-        raise ValueError(f"init_from={init_from} holds no tokenizer, so post-training data cannot be encoded for it")
-    return model.train(), tokenizer
+from llmkit.text.tokenizer import Tokenizer
 
 
 @torch.no_grad()
@@ -78,7 +64,7 @@ def base_tokenizer(init_from: str | Path) -> Tokenizer:
     if path.is_dir():
         return load_base(path)[1]
     from llmkit.checkpoint import tokenizer_state
-    from llmkit.data.tokenizer import tokenizer_from_state
+    from llmkit.text.tokenizer import tokenizer_from_state
 
     state = tokenizer_state(_checkpoint(path))
     if state is None:

@@ -1,7 +1,7 @@
 """Post-training datamodules: a JSONL file -> rendered, masked, packed rows -> batches that resume exactly.
 
     data=sft         SFTDataModule: conversations (prompt/completion, alpaca, messages, ShareGPT) rendered
-                     with a chat template (llmkit/posttrain/chat.py), cut to the context, packed
+                     with a chat template (llmkit/text/chat.py), cut to the context, packed
                      best-fit-decreasing (or padded), as (ids, labels, positions, segments) rows
     data=preference  PreferenceDataModule: (prompt, chosen, rejected) pairs, each side rendered with only
                      its last reply scored and padded to the context, as chosen_* and rejected_* rows
@@ -28,11 +28,11 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from llmkit.data.streaming import EndlessBatchIndices, samples_consumed
-from llmkit.data.tokenizer import Tokenizer
-from llmkit.posttrain.chat import Rendered, check_template, render_chat, truncate
 from llmkit.posttrain.formats import read_jsonl
 from llmkit.posttrain.packing import IGNORE, pack
 from llmkit.posttrain.rows import RowBatches, RowWindows, is_prepared, load_rows, save_rows
+from llmkit.text.chat import Rendered, check_template, render_chat, truncate
+from llmkit.text.tokenizer import Tokenizer
 
 PREPARE_VERSION = 2  # part of the fingerprint: bump when the rows a file becomes change
 
@@ -70,8 +70,8 @@ class PostTrainDataModule(L.LightningDataModule):
             base = base_tokenizer(self.tokenizer_from)
             self.base_fingerprint, self._tokenizer = base.fingerprint, base
             if self.add_template_tokens:  # the model's embeddings grow to match (LitLM, resize_vocabulary)
-                from llmkit.data.tokenizer import add_special_tokens
-                from llmkit.posttrain.chat import CHAT_TEMPLATES
+                from llmkit.text.chat import CHAT_TEMPLATES
+                from llmkit.text.tokenizer import add_special_tokens
 
                 self._tokenizer = add_special_tokens(base, CHAT_TEMPLATES.build(self.template).specials)
         return self._tokenizer

@@ -2,7 +2,7 @@
 
 Sequence log-probs. `sequence_logprobs(logits, labels)` is log pi(y | x) of each row: the sum of
 log p(labels[b, t] | ids[b, :t+1]) over the scored positions (labels != -100), with the labels of
-llmkit/posttrain/chat.py (labels[i] is the target of position i, same length as the ids). It works
+llmkit/text/chat.py (labels[i] is the target of position i, same length as the ids). It works
 in float32 whatever the logits' dtype, as log p = logit[label] - logsumexp(logits), a chunk of
 positions at a time, so no fp32 log-softmax of the whole (B, T, V) is built: fp32 logits add no
 (B, T, V) tensor, bf16 ones add their fp32 copy (kept for the backward of logsumexp).

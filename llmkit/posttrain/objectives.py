@@ -177,7 +177,7 @@ class DirectPreference(PairObjective):
             raise RuntimeError("precomputed reference log-probs are missing from the batch")
         with torch.no_grad():
             if self.reference == "lora":
-                from llmkit.posttrain.lora import lora_disabled
+                from llmkit.adapters.lora import lora_disabled
 
                 with lora_disabled(model):
                     return sequence_logprobs(model(ids), labels, average=self.average)
@@ -260,7 +260,7 @@ def attach_precomputed_reference(datamodule: Any, init_from: str, device: Any) -
     every split, and add them to the datamodule's rows so that batches carry them."""
     import os
 
-    from llmkit.posttrain.base import load_base
+    from llmkit.checkpoint import load_base
 
     datamodule.setup()
     path = reference_file(datamodule.directory(), init_from)

@@ -6,7 +6,7 @@
 
 Keys are `base_model.model.<HF module>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r), as
 peft 0.21 saves a LoraModel of a LlamaForCausalLM. The HF module of each llmkit module comes from
-hf.py's own tables (`name_pairs`, `_export_qkv`), so the base and its adapter are named by one mapping.
+hf.py's own tables (`name_pairs`, `export_qkv`), so the base and its adapter are named by one mapping.
 
 Fused projections: llmkit's `wqkv` (rows q | k | v) is three HF modules. B's rows are the weight's rows,
 so B is split exactly as hf.py splits the weight, and each piece keeps the whole A:
@@ -27,10 +27,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from llmkit.data.tokenizer import Tokenizer
-from llmkit.hf import ExportError, _export_qkv, hf_architecture, name_pairs, save_tokenizer
+from llmkit.adapters.lora import LoraConfig, LoraLinear, lora_layers
+from llmkit.hf import ExportError, export_qkv, hf_architecture, name_pairs, save_tokenizer
 from llmkit.model import ModelConfig, Transformer
-from llmkit.posttrain.lora import LoraConfig, LoraLinear, lora_layers
+from llmkit.text.tokenizer import Tokenizer
 
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers model
 CONFIG_FILE = "adapter_config.json"
@@ -96,7 +96,7 @@ def hf_pieces(cfg: ModelConfig, rows: dict[str, Tensor]) -> dict[str, dict[str, 
             out[name] = {table[name]: t}
         elif name in fused:
             split: dict[str, Tensor] = {}
-            _export_qkv({f"{name}.weight": t}, split, cfg, *fused[name])  # q, k, v rows under HF names
+            export_qkv({f"{name}.weight": t}, split, cfg, *fused[name])  # q, k, v rows under HF names
             out[name] = {hf.removesuffix(".weight"): part for hf, part in split.items()}
         else:
             raise ExportError(f"{name} has no Hugging Face llama equivalent")

@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
-from llmkit.posttrain.chat import render_chat, truncate
 from llmkit.posttrain.formats import read_jsonl
 from llmkit.posttrain.objectives import RewardModel
 from llmkit.posttrain.packing import pack
+from llmkit.text.chat import render_chat, truncate
 
 
 def load_reward_model(path: str | Path, device: str = "cpu") -> tuple[Any, RewardModel, Any, str]:

@@ -1,7 +1,7 @@
 """The HTTP side of `llmkit serve`: FastAPI routes in OpenAI's shapes over one Engine.
 
     POST /v1/completions        text (or token-id) prompts, n choices each, streamed (SSE) or not
-    POST /v1/chat/completions   messages rendered with the model's chat template (llmkit/posttrain/chat.py)
+    POST /v1/chat/completions   messages rendered with the model's chat template (llmkit/text/chat.py)
     GET  /v1/models             the one model served
     GET  /health                503 while the model loads, 200 once the engine runs
     GET  /metrics               Prometheus text (llmkit/serve/metrics.py)
@@ -64,7 +64,7 @@ def load_served(ckpt: str, device: str, quantize: str | None = None, backend: st
         raise ValueError(f"{ckpt} holds no tokenizer, so requests cannot be encoded")
     template = chat_template or loaded.checkpoint.get("chat_template")
     if template is not None:
-        from llmkit.posttrain.chat import check_template
+        from llmkit.text.chat import check_template
 
         check_template(loaded.tokenizer, template)
     return Served(loaded.model, loaded.tokenizer, template)
@@ -213,7 +213,7 @@ def _chat_prompt(body: api.ChatRequest, served: Served) -> tuple[list[int], list
         raise api.APIError(
             400, "this model has no chat template (it was not post-trained with one); use /v1/completions, or start "
             "the server with chat_template=chatml|alpaca|raw", param="messages", code="no_chat_template")
-    from llmkit.posttrain.chat import end_of_turn, end_of_turn_id, render_generation_prompt
+    from llmkit.text.chat import end_of_turn, end_of_turn_id, render_generation_prompt
 
     try:
         ids = render_generation_prompt(body.conversation(), served.tokenizer, template)

@@ -10,7 +10,7 @@ import json
 import random
 from pathlib import Path
 
-from llmkit.data.pipeline import DataSpec
+from llmkit.data.prep.pipeline import DataSpec
 
 WORDS = [f"w{i}" for i in range(400)] + "river stone cloud alpha beta gamma delta lamp door bread".split()
 FILES = 6

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import llmkit.data.pipeline as pipeline
-import llmkit.data.prep_encode as prep_encode
+import llmkit.data.prep.encode as prep_encode
+import llmkit.data.prep.pipeline as pipeline
 from llmkit.data import LMDataModule
 from llmkit.data.shards import MANIFEST, ShardError
 from llmkit.data.sources import stdlib_corpus
-from llmkit.data.tokenizer import CharTokenizer
+from llmkit.text.tokenizer import CharTokenizer
 
 SEQ_LEN, BATCH = 16, 4
 

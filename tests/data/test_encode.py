@@ -9,7 +9,7 @@ import pytest
 
 from llmkit.data.encode import ShardWriter, encode_to_shards
 from llmkit.data.shards import Shard
-from llmkit.data.tokenizer import CharTokenizer, train_tokenizer
+from llmkit.text.tokenizer import CharTokenizer, train_tokenizer
 
 DOCS = [(f"d{i}", f"document number {i}: " + "lorem ipsum dolor " * (i % 7 + 1)) for i in range(300)]
 

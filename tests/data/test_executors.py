@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from llmkit.data.executors import Submitit, UnitError, make_executor
-from llmkit.data.pipeline import prepare
+from llmkit.data.prep.executors import Submitit, UnitError, make_executor
+from llmkit.data.prep.pipeline import prepare
 from llmkit.data.shards import MANIFEST
 from tests.data.prep_corpus import corpus_spec, dataset_digest, write_corpus
 

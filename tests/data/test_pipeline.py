@@ -12,10 +12,10 @@ import fsspec
 import pytest
 
 from llmkit.data import LMDataModule
-from llmkit.data.pipeline import DataSpec, clean_stage, encode_stage, prepare, tokenizer_stage
+from llmkit.data.prep.pipeline import DataSpec, clean_stage, encode_stage, prepare, tokenizer_stage
 from llmkit.data.prepared import PreparedDataset
 from llmkit.data.shards import MANIFEST, ShardError
-from llmkit.data.tokenizer import train_tokenizer
+from llmkit.text.tokenizer import train_tokenizer
 from tests.data.helpers import byte_level_bpe_json
 
 WORDS = "alpha beta gamma delta epsilon zeta theta iota kappa lambda sigma omega river stone cloud".split()

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-import llmkit.data.pipeline as pipeline
+import llmkit.data.prep.pipeline as pipeline
 from llmkit.data.cleaning import Cleaner
-from llmkit.data.executors import InProcess
-from llmkit.data.pieces import InputError, Piece, component_pieces, read_piece
-from llmkit.data.pipeline import prepare
+from llmkit.data.prep.executors import InProcess
+from llmkit.data.prep.pieces import InputError, Piece, component_pieces, read_piece
+from llmkit.data.prep.pipeline import prepare
 from llmkit.data.shards import MANIFEST
 from tests.data.prep_corpus import EXACT, NEAR, ORIGINALS, corpus_spec, dataset_digest, write_corpus
 
@@ -108,8 +108,8 @@ def test_an_interrupted_build_resumes_and_skips_finished_units(
 def test_a_build_killed_mid_write_resumes_to_the_same_bytes(corpus: Path, reference: Path, tmp_path: Path) -> None:
     """SIGKILL while a shard is half written: the next run rewrites that shard and nothing else looks different."""
     script = (
-        "import sys; from pathlib import Path; from llmkit.data.executors import InProcess; "
-        "from llmkit.data.pipeline import prepare; from tests.data.prep_corpus import corpus_spec; "
+        "import sys; from pathlib import Path; from llmkit.data.prep.executors import InProcess; "
+        "from llmkit.data.prep.pipeline import prepare; from tests.data.prep_corpus import corpus_spec; "
         "prepare(corpus_spec(Path(sys.argv[1])), Path(sys.argv[2]), 'web', "
         "executor=InProcess(progress=False, resumable=True), piece_bytes=0)"
     )

@@ -12,11 +12,11 @@ import urllib.request
 import pytest
 import torch
 
-from llmkit.data.tokenizer import CharTokenizer
 from llmkit.explore.page import SCHEMA_VERSION, payload, render
 from llmkit.explore.server import make_server
 from llmkit.explore.trace import head_statistics, logit_lens, top_predictions, trace
 from llmkit.model import ModelConfig, Transformer
+from llmkit.text.tokenizer import CharTokenizer
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 4
 TOK = CharTokenizer.train([TEXT])

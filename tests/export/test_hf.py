@@ -123,7 +123,7 @@ def test_parts_without_equivalent_fail_naming_the_part(overrides: dict, part: st
 
 
 def test_tokenizers_travel(tmp_path: Path) -> None:
-    from llmkit.data.tokenizer import CharTokenizer
+    from llmkit.text.tokenizer import CharTokenizer
 
     tok = CharTokenizer("abcdefghij")
     model = tiny_model(**GPT2, vocab_size=tok.vocab_size)

@@ -10,7 +10,7 @@ import torch
 
 from llmkit.checkpoint import load_checkpoint
 from llmkit.cli import main as llmkit
-from llmkit.data.tokenizer import SentencePieceTokenizer
+from llmkit.text.tokenizer import SentencePieceTokenizer
 from tests.model.helpers import tiny_model
 
 transformers = pytest.importorskip("transformers")

@@ -8,8 +8,8 @@ import torch
 from omegaconf import OmegaConf
 
 import llmkit.train as train_module
-from llmkit.data.tokenizer import CharTokenizer
 from llmkit.lit.module import LitLM
+from llmkit.text.tokenizer import CharTokenizer
 
 MODEL = dict(vocab_size=3, d_model=16, n_layers=1, n_heads=2, max_seq_len=16)
 

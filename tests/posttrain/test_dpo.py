@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from llmkit.adapters.lora import LoraConfig, apply_lora
 from llmkit.checkpoint import load_checkpoint
 from llmkit.cli import main as llmkit
-from llmkit.posttrain.chat import render_chat
-from llmkit.posttrain.lora import LoraConfig, apply_lora
 from llmkit.posttrain.objectives import DirectPreference, RewardModel, compute_reference
 from llmkit.posttrain.packing import pack
+from llmkit.text.chat import render_chat
 from tests.posttrain.helpers import longer_context, preference_records, write_jsonl
 from tests.posttrain.test_sft import ADAM_ATOL, RUN
 

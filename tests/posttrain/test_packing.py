@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmkit.posttrain.chat import Rendered
 from llmkit.posttrain.packing import best_fit_decreasing, pack
+from llmkit.text.chat import Rendered
 from tests.model.helpers import VOCAB, tiny_model
 
 X = -100

@@ -11,9 +11,9 @@ import torch
 
 from llmkit.checkpoint import load_checkpoint
 from llmkit.cli import main as llmkit
-from llmkit.posttrain.chat import render_chat
 from llmkit.posttrain.objectives import SupervisedFineTuning
 from llmkit.posttrain.packing import pack
+from llmkit.text.chat import render_chat
 from tests.posttrain.helpers import longer_context, parity_records, write_jsonl
 
 # Adam's update m / sqrt(v) is scale-free: fp32 gradients summed in another order (relative error ~1e-7)
@@ -98,8 +98,8 @@ def test_init_from_with_another_tokenizer_than_the_data_is_refused(base: Path, t
 
 def char_base(path: Path) -> Path:
     """A small random model whose char tokenizer (with an EOS) lacks chatml's tokens."""
-    from llmkit.data.tokenizer import CharTokenizer
     from llmkit.model import ModelConfig, Transformer
+    from llmkit.text.tokenizer import CharTokenizer
 
     tokenizer = CharTokenizer("".join(sorted(set("0123456789 isevnodd"))), ["</s>"])
     cfg = ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_layers=1, n_heads=2, max_seq_len=64)

@@ -48,7 +48,7 @@ def test_completion_streamed_equals_plain_equals_llmkit_generate(live: LiveServe
 
 
 def test_chat_uses_the_checkpoint_template_streamed_equals_plain_equals_generate(live: LiveServer) -> None:
-    from llmkit.posttrain.chat import render_generation_prompt
+    from llmkit.text.chat import render_generation_prompt
 
     client = live.client()
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "import os"}]

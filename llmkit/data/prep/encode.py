@@ -25,13 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from llmkit.data import layout
 from llmkit.data.encode import _encoded_chunks
 from llmkit.data.files import atomic_open, save_array_atomic
+from llmkit.data.prep import layout
 from llmkit.data.shards import MANIFEST_FORMAT, VERSION, token_dtype, write_shard
 from llmkit.data.sources import Document
 from llmkit.data.spec import DataSpec
-from llmkit.data.tokenizer import Tokenizer, load_pretrained_tokenizer, load_tokenizer, train_tokenizer
+from llmkit.text.tokenizer import Tokenizer, load_pretrained_tokenizer, load_tokenizer, train_tokenizer
 
 RANGE_BYTES = (64 << 10, 64 << 20)  # an encoding unit reads between 64 KiB and 64 MiB of clean/{split}.jsonl
 

@@ -10,7 +10,7 @@ tokenizer), plus the model: `tokenizer.model` (sentencepiece) or `tokenizer.json
 Directories written before the HF kind existed keep that meta file as `tokenizer.json` (it has a
 "kind" key); `load_tokenizer` still reads them.
 
-Special tokens for chat (llmkit/posttrain/chat.py): a sentencepiece tokenizer trained here reserves
+Special tokens for chat (llmkit/text/chat.py): a sentencepiece tokenizer trained here reserves
 `CHAT_TOKENS` ("<|im_start|>", "<|im_end|>") as pieces of their own unless `reserve_chat_tokens=False`.
 An existing vocabulary gains them only through an explicit `add_special_tokens`, which appends new
 ids past the old vocabulary: the model's embedding (and an untied output head) must then grow to the
@@ -231,7 +231,7 @@ class SentencePieceTokenizer:
         is false) CHAT_TOKENS, which chat templates need as single tokens.
 
         sentencepiece matches such pieces in any text it encodes, so "<|im_start|>" in training
-        text becomes that one id: llmkit/posttrain/chat.py renders them by id and keeps a user's
+        text becomes that one id: llmkit/text/chat.py renders them by id and keeps a user's
         typed copy from turning into the token."""
         specials = _special_token_args(special_tokens)
         chat = CHAT_TOKENS if reserve_chat_tokens else ()

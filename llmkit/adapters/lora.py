@@ -239,29 +239,6 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
         own[key].copy_(value)  # detached views of the parameters: writes into them
 
 
-def adapted_from_checkpoint(checkpoint: dict, map_location: str | torch.device = "cpu") -> nn.Module:
-    """A LoRA run's checkpoint holds the adapters and names its base (`checkpoint["lora"]`): the base
-    model with those adapters on (not merged), as the run trained it."""
-    from llmkit.posttrain.base import load_base
-
-    info = checkpoint["lora"]
-    model, _ = load_base(info["base"], map_location)
-    apply_lora(model, LoraConfig(**info["config"]))
-    prefix = "model."
-    adapters = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items()
-                if k.startswith(prefix) and k.endswith(ADAPTER_PARAMS)}
-    load_lora_state_dict(model, adapters)
-    return model.eval()
-
-
-def merged_from_adapter_checkpoint(checkpoint: dict, map_location: str | torch.device = "cpu") -> nn.Module:
-    """The same, merged into plain Linear layers: for inference, quantization and export."""
-    model = adapted_from_checkpoint(checkpoint, map_location)
-    merge_lora(model, keep_original=False)
-    strip_merged(model)
-    return model
-
-
 def strip_merged(model: nn.Module) -> None:
     """Merged adapters back to plain nn.Linear (the adapter tensors dropped): the state dict is then
     exactly a base model's, for the exporter, quantization and the server."""

@@ -9,9 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmkit.hf import ExportError, export_hf
-from llmkit.model import Transformer
-from llmkit.posttrain.lora import (
+from llmkit.adapters.lora import (
     LoraConfig,
     apply_lora,
     load_lora_state_dict,
@@ -21,6 +19,8 @@ from llmkit.posttrain.lora import (
     merge_lora,
     unmerge_lora,
 )
+from llmkit.hf import ExportError, export_hf
+from llmkit.model import Transformer
 from llmkit.posttrain.peft_format import save_peft_adapter
 from tests.model.helpers import VOCAB, tiny_model
 

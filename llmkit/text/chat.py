@@ -34,8 +34,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-from llmkit.data.tokenizer import CHAT_TOKENS, Tokenizer
 from llmkit.registry import Registry
+from llmkit.text.tokenizer import CHAT_TOKENS, Tokenizer
 
 IGNORE = -100  # Transformer.loss ignores this target
 MASKS = ("assistant", "all", "last")
@@ -164,7 +164,7 @@ def check_template(tokenizer: Tokenizer, template: str) -> None:
         raise ValueError(
             f"chat template '{template}': template tokens missing from the vocabulary of this {tokenizer.kind} "
             f"tokenizer: {missing}. Either train the tokenizer with llmkit (sentencepiece reserves {list(CHAT_TOKENS)} "
-            f"unless reserve_chat_tokens=false), or add them with llmkit.data.tokenizer.add_special_tokens(tokenizer, "
+            f"unless reserve_chat_tokens=false), or add them with llmkit.text.tokenizer.add_special_tokens(tokenizer, "
             f"{missing}) and resize the model's embeddings to the new vocab_size, or use template=alpaca or "
             "template=raw, which need no special tokens"
         )
@@ -172,7 +172,7 @@ def check_template(tokenizer: Tokenizer, template: str) -> None:
         raise ValueError(
             f"chat template '{template}' ends assistant turns with the tokenizer's EOS and this {tokenizer.kind} "
             "tokenizer has none, so a model could not learn to stop: use a tokenizer with an EOS, or add one "
-            "(llmkit.data.tokenizer.add_special_tokens(tokenizer, ['</s>']) for a char tokenizer)"
+            "(llmkit.text.tokenizer.add_special_tokens(tokenizer, ['</s>']) for a char tokenizer)"
         )
 
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmkit.data.tokenizer import CharTokenizer, add_special_tokens, train_tokenizer
-from llmkit.posttrain.chat import (
+from llmkit.text.chat import (
     CHAT_TEMPLATES,
     Rendered,
     check_template,
@@ -17,6 +16,7 @@ from llmkit.posttrain.chat import (
     render_generation_prompt,
     truncate,
 )
+from llmkit.text.tokenizer import CharTokenizer, add_special_tokens, train_tokenizer
 
 X = -100
 # every character the templates and the conversations below use; a char tokenizer gives character
@@ -196,7 +196,7 @@ def test_user_text_spelling_a_special_token_stays_text_sentencepiece(sp_tok) -> 
 
 
 def test_user_text_spelling_a_special_token_stays_text_hf(tmp_path) -> None:
-    from llmkit.data.tokenizer import load_pretrained_tokenizer
+    from llmkit.text.tokenizer import load_pretrained_tokenizer
     from tests.data.helpers import byte_level_bpe_json
 
     path = byte_level_bpe_json(["the user said hi and the assistant said yo."] * 5, 300, tmp_path / "tokenizer.json")

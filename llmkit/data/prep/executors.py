@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
-from llmkit.data.tasks import PREP, Unit, UnitError, is_done, recorded_errors, run_unit, run_units
+from llmkit.data.prep.tasks import PREP, Unit, UnitError, is_done, recorded_errors, run_unit, run_units
 
 EXECUTORS = ("none", "local", "slurm")
 

@@ -12,7 +12,7 @@
     <work>/.prep/<component>/near_removed.npy     positions of near duplicates
     <work>/.prep/<component>/parts/<split>/NNNNN.jsonl   a piece's cleaned documents, before they are gathered
     <work>/.prep/<component>/tokens/<split>/...   token ids of a byte range of clean/{split}.jsonl
-    <work>/.prep/done, errors, logs               unit markers, unit errors, submitit logs (llmkit/data/tasks.py)
+    <work>/.prep/done, errors, logs               unit markers, unit errors, submitit logs (llmkit/data/prep/tasks.py)
 
 A document's position is (piece << 32) | index within the piece's docs.jsonl: sorting positions is input order.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmkit.data.tasks import PREP
+from llmkit.data.prep.tasks import PREP
 
 CLEAN_DIR, TOKENIZER_DIR, REPORT = "clean", "tokenizer", "cleaning_report.json"
 _PIECE_SHIFT = np.uint64(32)

@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from llmkit.data import layout
 from llmkit.data.dedup import NearDuplicateFilter
 from llmkit.data.encode import batched_by_chars
 from llmkit.data.files import atomic_path, save_array_atomic
-from llmkit.data.pieces import Piece
+from llmkit.data.prep import layout
+from llmkit.data.prep.pieces import Piece
 
 SIGNATURE_BATCH_CHARS = 1 << 22  # texts read per signature batch: bounds memory on huge pieces
 

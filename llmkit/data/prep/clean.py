@@ -1,4 +1,4 @@
-"""Cleaning across tasks, in three kinds of units around the dedup stages (llmkit/data/prep_dedup.py):
+"""Cleaning across tasks, in three kinds of units around the dedup stages (llmkit/data/prep/dedup.py):
 
     clean_piece   per piece: read, transform, per-document filters (length, quality, language); the kept documents
                   and their SHA-256 digests go to the piece's folder
@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from llmkit.data import layout
 from llmkit.data.cleaning import Cleaner
 from llmkit.data.dedup import text_digest
 from llmkit.data.files import atomic_open, fault_point, save_array_atomic
-from llmkit.data.pieces import Piece, read_piece
+from llmkit.data.prep import layout
+from llmkit.data.prep.pieces import Piece, read_piece
 from llmkit.data.sources import Document
 from llmkit.data.splits import SPLITS, assign_splits
 

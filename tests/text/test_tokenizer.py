@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from llmkit.data.sources import stdlib_corpus
-from llmkit.data.tokenizer import (
+from llmkit.text.tokenizer import (
     CHAT_TOKENS,
     CharTokenizer,
     HFTokenizer,

@@ -1,7 +1,7 @@
 """The preparation pipeline: sources -> cleaning + dedup + splits -> tokenizer -> shards + manifest, in stages that
-run in this process or as tasks on this machine or a SLURM cluster (llmkit/data/executors.py).
+run in this process or as tasks on this machine or a SLURM cluster (llmkit/data/prep/executors.py).
 
-    clean_components   per piece (llmkit/data/pieces.py): read, transform, per-document filters   -> prep_clean
+    clean_components   per piece (llmkit/data/prep/pieces.py): read, transform, per-document filters   -> prep_clean
                        per piece: MinHash signatures and LSH band keys                            -> prep_dedup
                        per digest slice: exact duplicates; per LSH band: bucket candidates        -> prep_dedup
                        one unit per component: near duplicates among the candidates, in order    -> prep_dedup
@@ -11,7 +11,7 @@ run in this process or as tasks on this machine or a SLURM cluster (llmkit/data/
 
 Every unit's work depends on the input and the settings only, never on the number of tasks, and each stage's output
 is in input order: the shards and the manifest are byte-identical whether one process or N tasks prepared them.
-Units are marked done when their outputs are complete (llmkit/data/tasks.py), so a killed task is rerun alone and a
+Units are marked done when their outputs are complete (llmkit/data/prep/tasks.py), so a killed task is rerun alone and a
 rerun skips what is done. `prepare()` builds in a work directory beside the dataset and renames it into place when
 complete; a dataset is keyed by a fingerprint of every setting and of the source files, so a second run reuses it.
 An in-process build works in a temporary directory removed on failure; a build on an executor works in
@@ -29,12 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmkit.data import layout
-from llmkit.data.executors import Executor, InProcess
 from llmkit.data.files import write_json_atomic
-from llmkit.data.layout import CLEAN_DIR, REPORT, TOKENIZER_DIR  # noqa: F401  (the layout, as before)
-from llmkit.data.pieces import PIECE_BYTES, Piece, component_pieces, read_documents  # noqa: F401
-from llmkit.data.prep_clean import (
+from llmkit.data.prep import layout
+from llmkit.data.prep.clean import (
     clean_piece,
     filter_piece,
     finish_gather,
@@ -43,8 +40,8 @@ from llmkit.data.prep_clean import (
     merge_report,
     open_gather_files,
 )
-from llmkit.data.prep_dedup import band_candidates, exact_partition, exact_path, minhash_piece, near_clusters, near_removed_path
-from llmkit.data.prep_encode import (
+from llmkit.data.prep.dedup import band_candidates, exact_partition, exact_path, minhash_piece, near_clusters, near_removed_path
+from llmkit.data.prep.encode import (
     build_manifest,
     encode_range,
     encode_ranges,
@@ -54,11 +51,14 @@ from llmkit.data.prep_encode import (
     train_tokenizer_unit,
     write_shard_unit,
 )
+from llmkit.data.prep.executors import Executor, InProcess
+from llmkit.data.prep.layout import CLEAN_DIR, REPORT, TOKENIZER_DIR  # noqa: F401  (the layout, as before)
+from llmkit.data.prep.pieces import PIECE_BYTES, Piece, component_pieces, read_documents  # noqa: F401
+from llmkit.data.prep.tasks import PREP, Unit, is_done, result
 from llmkit.data.shards import MANIFEST, token_dtype
 from llmkit.data.spec import DataSpec, source_fingerprint  # noqa: F401  (re-exported)
 from llmkit.data.splits import SPLITS
-from llmkit.data.tasks import PREP, Unit, is_done, result
-from llmkit.data.tokenizer import Tokenizer, load_tokenizer
+from llmkit.text.tokenizer import Tokenizer, load_tokenizer
 
 EXACT_PARTITION_DOCS = 4_000_000  # documents per exact-dedup unit (its digests: 24 bytes each)
 SPEC_FILE = "spec.json"
