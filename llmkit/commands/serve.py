@@ -18,14 +18,15 @@ def main(cfg: DictConfig) -> None:
     try:
         import uvicorn
 
-        from llmkit.serve.app import ServeSettings, create_app, load_served
+        from llmkit.serve.app import ServeSettings, create_app, default_model_name, load_served
     except ImportError as err:
         raise SystemExit(f"llmkit serve needs the serve extra: pip install -e '.[serve]' ({err})") from err
     if cfg.chat_template is not None:
         from llmkit.text.chat import CHAT_TEMPLATES
 
         CHAT_TEMPLATES.get(cfg.chat_template)  # an unknown name fails here, listing the templates
-    settings = ServeSettings(model_name=cfg.model_name or str(cfg.ckpt), max_batch=cfg.max_batch,
+    settings = ServeSettings(model_name=cfg.model_name or default_model_name(cfg.ckpt), checkpoint=str(cfg.ckpt),
+                             max_batch=cfg.max_batch,
                              max_queue=cfg.max_queue, max_tokens_limit=cfg.max_tokens_limit)
 
     def load():

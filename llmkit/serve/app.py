@@ -22,6 +22,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class ServeSettings:
     model_name: str = "llmkit"
+    checkpoint: str | None = None  # the path served: a client still sending it as `model` is told the name
     max_batch: int = 16
     max_queue: int = 256
     max_tokens_limit: int | None = None  # None: whatever fits the context
@@ -112,9 +114,32 @@ class ServerState:
         return self.engine, self.served
 
     def check_model(self, name: str) -> None:
-        if name != self.settings.model_name:
-            raise api.APIError(404, f"The model '{name}' does not exist; this server serves '{self.settings.model_name}'",
-                               param="model", code="model_not_found")
+        if name == self.settings.model_name:
+            return
+        served = self.settings.model_name
+        if self.settings.checkpoint is not None and _same_path(name, self.settings.checkpoint):
+            why = (f"The model is no longer addressed by its checkpoint path '{name}': this server names it '{served}'; "
+                   f"send model='{served}' (GET /v1/models lists it; `llmkit serve model_name=...` sets it)")
+        else:
+            why = f"The model '{name}' does not exist; this server serves '{served}'"
+        raise api.APIError(404, why, param="model", code="model_not_found")
+
+
+def default_model_name(ckpt: str | Path) -> str:
+    """What clients call the model when model_name is not set: the run's directory name for a run's checkpoint
+    (`outputs/<run>/checkpoints/last.ckpt` -> `<run>`), else the file's stem or the directory's name. Never the
+    path itself, which would tell every client where the weights live."""
+    path = Path(ckpt).expanduser().resolve()
+    if path.is_file() and path.parent.name == "checkpoints":
+        return path.parent.parent.name
+    return path.stem if path.is_file() else path.name
+
+
+def _same_path(name: str, ckpt: str) -> bool:
+    try:
+        return Path(name).expanduser().resolve() == Path(ckpt).expanduser().resolve()
+    except (OSError, ValueError):  # not a path at all (a name with odd characters)
+        return False
 
 
 def _errors(app: FastAPI) -> None:
