@@ -17,7 +17,7 @@ PACKAGE = ROOT / "llmkit"
 
 # what inference and loading are built from, and what they may never reach
 INFERENCE = ("llmkit.checkpoint", "llmkit.serve", "llmkit.text", "llmkit.adapters", "llmkit.generation", "llmkit.model",
-             "llmkit.quantize", "llmkit.hf")
+             "llmkit.quantize", "llmkit.hf", "llmkit.onnx")
 TRAINING = ("llmkit.posttrain", "llmkit.lit", "llmkit.train", "llmkit.commands", "llmkit.data")
 
 

@@ -16,16 +16,25 @@ def main(cfg: DictConfig) -> None:
     if cfg.adapter:
         export_adapter(cfg)
         return
+    if cfg.format not in ("hf", "onnx"):
+        raise SystemExit(f"format={cfg.format}: use format=hf (a Hugging Face directory) or format=onnx (ONNX Runtime)")
     loaded = load_checkpoint(cfg.ckpt)
     try:
-        out = export_hf(loaded.model, loaded.tokenizer, cfg.out)
-    except ExportError as err:
+        if cfg.format == "onnx":
+            from llmkit.onnx import export_onnx
+
+            out = export_onnx(loaded.model, loaded.tokenizer, cfg.out, cfg.quantize, loaded.checkpoint.get("chat_template"))
+        else:
+            out = export_hf(loaded.model, loaded.tokenizer, cfg.out)
+    except (ExportError, ValueError) as err:
         raise SystemExit(str(err)) from None
     print(f"exported {cfg.ckpt} (step {loaded.step}) to {out}")
 
 
 def export_adapter(cfg: DictConfig) -> None:
-    """A LoRA run's adapters alone, in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
+    """A LoRA run's adapters alone, in PEFT's format (adapter_config.json + adapter_model.safetensors). A QLoRA
+    run's adapters are the same tensors; peft puts them on the full-precision base (export it from init_from),
+    which differs from the quantized base they were trained over by the quantization error."""
     import torch
 
     from llmkit.checkpoint import adapted_from_checkpoint, tokenizer_state
@@ -35,7 +44,8 @@ def export_adapter(cfg: DictConfig) -> None:
 
     checkpoint = torch.load(cfg.ckpt, map_location="cpu", weights_only=True)
     if "lora" not in checkpoint:
-        raise SystemExit(f"{cfg.ckpt} is not a LoRA checkpoint (finetune=lora): export the whole model without adapter=true")
+        raise SystemExit(f"{cfg.ckpt} is not a LoRA checkpoint (finetune=lora or qlora): export the whole model "
+                         "without adapter=true")
     state = tokenizer_state(checkpoint)
     tokenizer = tokenizer_from_state(state) if state else None
     try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +23,15 @@ from torch import Tensor, nn
 from llmkit.generation.cache import KVCache, SlidingWindowCache
 from llmkit.model import Transformer
 from llmkit.model.positions import PositionContext
+
+
+class Decoder(Protocol):
+    """What the sampling loop drives: the prompts of every row, then one token per row per step, each call
+    returning (B, V) float logits of every row's next token."""
+
+    def prefill(self, contexts: list[list[int]]) -> Tensor: ...
+
+    def step(self, tokens: list[int]) -> Tensor: ...
 
 
 class CachedAttention(nn.Module):

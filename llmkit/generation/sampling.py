@@ -12,7 +12,7 @@ from collections.abc import Collection, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from llmkit.generation.decode import CachedDecoder, RecomputeDecoder
+from llmkit.generation.decode import CachedDecoder, Decoder, RecomputeDecoder
 from llmkit.model import Transformer
 
 
@@ -65,17 +65,20 @@ def next_tokens(
 def stream(
     model: Transformer, prompts: Sequence[Sequence[int]] | Tensor, max_new_tokens: int, *,
     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, stop_ids: Collection[int] = (),
-    generator: torch.Generator | None = None, cache: bool = True,
+    generator: torch.Generator | None = None, cache: bool = True, decoder: Decoder | None = None,
 ) -> Iterator[list[int | None]]:
     """Yields, step by step, the next token of every row: None for a row that has stopped (a token
     of `stop_ids` ends a row and is not yielded). Ends after max_new_tokens steps or when every row
-    has stopped. prompts: one list of ids per row, any lengths; cache=False recomputes every step."""
+    has stopped. prompts: one list of ids per row, any lengths; cache=False recomputes every step.
+    decoder: another engine behind the same prefill/step calls (llmkit/onnx.py's ONNX Runtime decoder);
+    `model` then only needs its `cfg`."""
     check_options(temperature, top_k, top_p)
     limit = model.cfg.max_seq_len
     contexts = [[int(t) for t in p][-limit:] for p in (prompts.tolist() if isinstance(prompts, Tensor) else prompts)]
     if not contexts or not all(contexts):
         raise ValueError("every prompt needs at least one token (an empty text can start from the tokenizer's eos id)")
-    decoder = CachedDecoder(model) if cache else RecomputeDecoder(model)
+    if decoder is None:
+        decoder = CachedDecoder(model) if cache else RecomputeDecoder(model)
     stop, done = set(stop_ids), [False] * len(contexts)
     tokens: list[int] = []
     for step in range(max_new_tokens):
@@ -87,7 +90,7 @@ def stream(
         yield [None if d else t for d, t in zip(done, tokens, strict=True)]
 
 
-def _advance(decoder: CachedDecoder | RecomputeDecoder, contexts: list[list[int]], tokens: list[int], limit: int) -> Tensor:
+def _advance(decoder: Decoder, contexts: list[list[int]], tokens: list[int], limit: int) -> Tensor:
     for context, token in zip(contexts, tokens, strict=True):
         context.append(token)
     if max(len(c) for c in contexts) <= limit:

@@ -58,18 +58,26 @@ class Served:
 
 def load_served(ckpt: str, device: str, quantize: str | None = None, backend: str = "auto",
                 chat_template: str | None = None) -> Served:
-    """The checkpoint (or int8 directory) with its tokenizer and chat template (an explicit one wins)."""
-    from llmkit.checkpoint import load_for_inference
+    """The checkpoint (or int8 directory, or ONNX export) with its tokenizer and chat template (an explicit one
+    wins). backend=onnxruntime, or an ONNX export's directory under backend=auto, serves on ONNX Runtime."""
+    from llmkit import onnx
 
-    loaded = load_for_inference(ckpt, device, quantize, backend)
-    if loaded.tokenizer is None:
+    if backend == "onnxruntime" or (backend == "auto" and onnx.is_onnx_dir(ckpt)):
+        exported = onnx.load_onnx(ckpt)
+        model, tokenizer, recorded = exported, exported.tokenizer, exported.chat_template
+    else:
+        from llmkit.checkpoint import load_for_inference
+
+        loaded = load_for_inference(ckpt, device, quantize, backend)
+        model, tokenizer, recorded = loaded.model, loaded.tokenizer, loaded.checkpoint.get("chat_template")
+    if tokenizer is None:
         raise ValueError(f"{ckpt} holds no tokenizer, so requests cannot be encoded")
-    template = chat_template or loaded.checkpoint.get("chat_template")
+    template = chat_template or recorded
     if template is not None:
         from llmkit.text.chat import check_template
 
-        check_template(loaded.tokenizer, template)
-    return Served(loaded.model, loaded.tokenizer, template)
+        check_template(tokenizer, template)
+    return Served(model, tokenizer, template)
 
 
 def create_app(load: Callable[[], Served], settings: ServeSettings) -> FastAPI:

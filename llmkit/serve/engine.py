@@ -28,11 +28,10 @@ import torch
 from torch import Tensor
 
 from llmkit.generation import IncrementalDetokenizer, StopStrings, next_tokens
-from llmkit.generation.cache import KVCache
-from llmkit.generation.decode import cached_attention, forward_cached
 from llmkit.model import Transformer
-from llmkit.serve.batch_cache import BatchCache
+from llmkit.onnx import OnnxModel
 from llmkit.serve.metrics import Metrics
+from llmkit.serve.runners import runner_for
 
 log = logging.getLogger(__name__)
 
@@ -101,20 +100,20 @@ class Sequence:
 
 
 class Engine:
-    """Owns the model: only its thread runs forwards. Start it once with `start()`."""
+    """Owns the model: only its thread runs forwards. Start it once with `start()`. The model is llmkit's own
+    or an ONNX export on ONNX Runtime (llmkit/onnx.py); its runner (runners.py) holds the batch's cache."""
 
     def __init__(
-        self, model: Transformer, tokenizer, *, max_batch: int = 16, max_queue: int = 256, metrics: Metrics | None = None
+        self, model: Transformer | OnnxModel, tokenizer, *, max_batch: int = 16, max_queue: int = 256,
+        metrics: Metrics | None = None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.metrics = metrics or Metrics()
-        self.device = model.head.weight.device
+        self.runner = runner_for(model)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.peak_batch = 0  # the most rows one decode step has run (for tests and benchmarks)
-        self.cache = BatchCache(model.position, limit=model.cfg.max_seq_len)
-        self.attention = cached_attention(model, self.cache)
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="llmkit-engine", daemon=True)
@@ -191,18 +190,14 @@ class Engine:
         now = time.perf_counter()
         self.metrics.queue_time.observe(now - sequence.submitted)
         self.metrics.prompt_tokens.inc(len(sequence.prompt))
-        single = KVCache(self.model.position, limit=self.model.cfg.max_seq_len)
-        ids = torch.tensor([sequence.prompt], device=self.device)  # (1, P)
-        positions = torch.arange(len(sequence.prompt), device=self.device)  # (P,)
-        single.begin(positions)
-        logits = forward_cached(self.model, cached_attention(self.model, single), ids, positions)  # (1, V)
+        logits, row = self.runner.prefill(sequence.prompt)  # (1, V), the row's own cache
         event = sequence.accept(self._sample([sequence], logits)[0])
         self.metrics.time_to_first_token.observe(time.perf_counter() - sequence.submitted)
         sequence.last_emit = time.perf_counter()
         self.metrics.generation_tokens.inc()
         sequence.emit(event)
         if event.finish_reason is None:
-            self.cache.join(single)
+            self.runner.join(row)
             self.running.append(sequence)
         else:
             self._finished(sequence, event.finish_reason)
@@ -212,10 +207,8 @@ class Engine:
         rows = self.running
         self.metrics.batch_size.set(len(rows))
         self.peak_batch = max(self.peak_batch, len(rows))
-        ids = torch.tensor([[s.last_token] for s in rows], device=self.device)  # (B, 1)
-        positions = torch.tensor([[len(s.prompt) + s.generated - 1] for s in rows], device=self.device)  # (B, 1)
-        self.cache.begin(positions)
-        logits = forward_cached(self.model, self.attention, ids, positions)  # (B, V)
+        positions = [len(s.prompt) + s.generated - 1 for s in rows]
+        logits = self.runner.decode([s.last_token for s in rows], positions)  # (B, V)
         tokens = self._sample(rows, logits)
         now = time.perf_counter()
         done = []
@@ -248,7 +241,7 @@ class Engine:
         if not sequences:
             return
         gone = {id(s) for s in sequences}
-        self.cache.drop([i for i, s in enumerate(self.running) if id(s) in gone])
+        self.runner.drop([i for i, s in enumerate(self.running) if id(s) in gone])
         self.running = [s for s in self.running if id(s) not in gone]
         for i, sequence in enumerate(sequences):
             if event is not None:

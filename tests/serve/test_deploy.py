@@ -66,7 +66,8 @@ def test_every_metric_the_dashboard_reads_is_one_the_server_exports() -> None:
 
 
 def test_a_renamed_metric_would_be_caught() -> None:
-    assert metric_names("histogram_quantile(0.5, sum by (le) (rate(llmkit_ttft_bucket[$__rate_interval])))") == {"llmkit_ttft_bucket"}
+    renamed = "histogram_quantile(0.5, sum by (le) (rate(llmkit_ttft_bucket[$__rate_interval])))"
+    assert metric_names(renamed) == {"llmkit_ttft_bucket"}
     assert "llmkit_ttft_bucket" not in exported_names()
 
 
@@ -147,8 +148,9 @@ def prometheus(tmp_path: Path, container_server: int) -> Iterator[str]:
     config["scrape_configs"][0]["static_configs"][0]["targets"] = [f"127.0.0.1:{container_server}"]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = _free_port()
-    proc = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    command = ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+               f"--web.listen-address=127.0.0.1:{port}"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
