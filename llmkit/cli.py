@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "generate": Subcommand("generate", "generate", "stream text sampled from a checkpoint"),
     "evaluate": Subcommand("evaluate", "evaluate", "perplexity of a checkpoint on held-out text or a prepared split"),
     "lm-eval": Subcommand("lm_eval", "lm_eval", "lm-evaluation-harness tasks on a checkpoint (pip install llmkit[eval])"),
+    "bench": Subcommand("bench", "bench", "offline benchmarks (MMLU, ARC, HellaSwag, HumanEval, your tasks), paired comparisons"),
     "export": Subcommand("export", "export", "export a checkpoint to a Hugging Face directory"),
     "import": Subcommand("import_hf", "import", "import a Hugging Face directory as a llmkit checkpoint"),
     "consolidate": Subcommand("consolidate", "consolidate", "merge a sharded (FSDP) checkpoint into one file"),

@@ -20,7 +20,7 @@ Hugging Face exporter does.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +85,7 @@ class DecoderGraph(nn.Module):
         k_pos = torch.where(valid, attention_mask.cumsum(-1) - 1, model.cfg.max_seq_len)  # (B, P + T)
         pos = position_ids.clamp(min=0)  # (B, T): padding embeds as position 0, masked anyway
         rotate = model.position.context(pos, pos)
-        attend = replace(model.position.context(k_pos[:, -T:], k_pos), q_rotary=None, k_rotary=None)
+        attend = model.position.attention_context(k_pos[:, -T:], k_pos)
         presents: list[Tensor] = []
         blocks, originals = model.blocks, [block.attention for block in model.blocks]
         try:

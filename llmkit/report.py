@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmkit.bench.reporting import downstream_lines
+
 SEED_KEY = "seed"
 # (column, summary key, format)
 METRICS = [
@@ -309,7 +311,8 @@ def write_report(root: Path, out: Path, title: str | None = None, note: str | No
     intro += [note, ""] if note else []
     intro += data_text(runs)
     md = intro + [markdown_table(header, rows), "", "## Differences vs seed-to-seed spread", ""] + significance_text(points)
-    md += [""] + failures_text(runs)
+    md += [""] + downstream_lines(points)  # callbacks=downstream: eval/* per point, paired tests on the same questions
+    md += failures_text(runs)
     if has_plot:
         md += ["## Validation loss", "", "![val loss against tokens seen](val_loss.png)", ""]
     (out / "report.md").write_text("\n".join(md))

@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from llmkit.lit.callbacks import ThroughputMonitor
+from llmkit.lit.downstream import last_values
 from llmkit.lit.module import LitLM
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ def run_summary(cfg: DictConfig, trainer: L.Trainer, lit: LitLM, wall_s: float) 
         "peak_memory_bytes": _peak_memory(),
         "checkpoint": (checkpoint.best_model_path or checkpoint.last_model_path) if checkpoint else None,
         "last_checkpoint": checkpoint.last_model_path if checkpoint else None,
+        **last_values(trainer),  # eval/<task>/<metric> of callbacks=downstream's last evaluation
         "choices": choices(),
         "git_commit": _git_commit(),
         "config": OmegaConf.to_container(cfg, resolve=True),

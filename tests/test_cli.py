@@ -26,6 +26,7 @@ KEYS = {
     "generate": ("max_new_tokens", "max_new_token=5"),
     "evaluate": ("stride", "strde=4"),
     "lm-eval": ("tasks", "task=hellaswag"),
+    "bench": ("log_samples", "log_sample=true"),
     "export": ("ckpt", "chkpt=a.ckpt"),
     "import": ("hf", "hff=dir"),
     "consolidate": ("out", "outt=x.ckpt"),

@@ -12,8 +12,6 @@ stores the layer's new keys and values and returns all of them for the attention
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from torch import Tensor
 
@@ -52,7 +50,7 @@ class KVCache:
         Built at the first layer's call, inside the model's forward, where FSDP has gathered the
         parameters of the position scheme (T5's bias table); shared by every layer."""
         if self._ctx is None:
-            self._ctx = replace(self.position.context(self.q_pos, self.k_pos), q_rotary=None, k_rotary=None)
+            self._ctx = self.position.attention_context(self.q_pos, self.k_pos)
         return self._ctx
 
     def _room(self, buffer: Tensor | None, new: Tensor, dim: int) -> Tensor:

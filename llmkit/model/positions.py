@@ -15,7 +15,7 @@ at 0 in every document); every shape below gains that B.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -67,6 +67,11 @@ class PositionScheme(nn.Module):
 
     def context(self, q_pos: Tensor, k_pos: Tensor) -> PositionContext:
         return PositionContext(q_pos, k_pos)
+
+    def attention_context(self, q_pos: Tensor, k_pos: Tensor) -> PositionContext:
+        """The context of attention over keys that were rotated when they were stored (a KV cache): mask
+        positions and bias, no rotary tables."""
+        return replace(self.context(q_pos, k_pos), q_rotary=None, k_rotary=None)
 
 
 POSITIONS.register("none")(PositionScheme)
@@ -122,6 +127,10 @@ class RotaryPositions(PositionScheme):
         q_rot = self._table(q_pos)
         k_rot = q_rot if k_pos is q_pos else self._table(k_pos)
         return PositionContext(q_pos, k_pos, q_rotary=q_rot, k_rotary=k_rot)
+
+    def attention_context(self, q_pos: Tensor, k_pos: Tensor) -> PositionContext:
+        # no tables: a decode step would otherwise compute cos and sin over every cached key, then drop them
+        return PositionContext(q_pos, k_pos)
 
 
 def alibi_slopes(n_heads: int) -> Tensor:
