@@ -7,6 +7,12 @@ autograd saves (`saved_tensors_hooks`), with activation checkpointing applied as
 Only the attention kernel is modelled rather than traced: a fused kernel (sdpa's flash or
 memory-efficient paths, flex, xformers) keeps q, k, v, the output and a log-sum-exp per row; the
 eager kernel, and sdpa's math fallback on the CPU with dropout, keep the (B, H, T, S) scores.
+
+The pre-flight compares the process's peak, not those kept bytes: a step runs again on meta tensors
+under a dispatch mode that follows every storage from the op that makes it to its last reference
+(traced_peak), which gives the highest point of weights, optimizer states, gradients, the forward's
+tensors and the backward's working set; with_runtime adds the process itself (measured once per machine
+kind), the loader and the allocator's slack (CPU_HEAP_SLACK, GPU_ALLOCATOR_SLACK).
 """
 
 from __future__ import annotations
@@ -14,12 +20,14 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import weakref
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from llmkit.model import ModelConfig, Transformer
 
@@ -42,6 +50,8 @@ class Setup:
     accelerator: str = "cpu"
     peak_flops: float | None = None  # per device
     accumulate: int = 1
+    optimizer: str = "fused"  # AdamW's implementation: fused | foreach | single (torch's for-loop)
+    clip_grad: bool = False  # gradient clipping by the global norm before the step
 
 
 @dataclass
@@ -56,13 +66,22 @@ class Plan:
     kernel_keeps_scores: bool
     tokens_per_step: int
     setup: dict[str, Any] = field(default_factory=dict)
+    peak: dict[str, int] = field(default_factory=dict)  # the process's highest point per rank, by part
+    peak_phase: str = ""  # where in the step it happens: forward | backward | optimizer
 
     @property
     def total_memory(self) -> int:
+        """The tensors a step holds (states and saved activations), without the transients or the process."""
         return sum(self.memory.values())
 
+    @property
+    def peak_memory(self) -> int:
+        """What the pre-flight compares with the device: the process's peak (with_runtime adds the
+        runtime and the allocator's slack to the traced tensors)."""
+        return sum(self.peak.values())
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "total_memory": self.total_memory}
+        return {**asdict(self), "total_memory": self.total_memory, "peak_memory": self.peak_memory}
 
 
 # ---- parameters and FLOPs ---------------------------------------------------------------------------
@@ -184,18 +203,25 @@ def _fused_sdpa():
         F.scaled_dot_product_attention = real
 
 
-def activation_bytes(setup: Setup, keeps_scores: bool) -> tuple[int, int]:
-    """(bytes a training step keeps for backward, of which the (B, H, T, S) scores), from a meta trace of
-    its own meta model (checkpointing and the dtype change it). `keeps_scores`: see kernel_keeps_scores."""
+def step_model(setup: Setup) -> Transformer:
+    """The run's model on the meta device, in the dtype its activations take (under mixed precision
+    autocast keeps matmul activations in 16 bits), with the run's activation checkpointing."""
     from llmkit.recompute import apply_activation_checkpointing
 
-    cfg = setup.model
-    model = meta_model(cfg).train()
-    if setup.precision in ("bf16-true", "bf16", "bf16-mixed"):  # mixed: autocast keeps matmul activations in bf16
+    model = meta_model(setup.model).train()
+    if setup.precision in ("bf16-true", "bf16", "bf16-mixed"):
         model = model.to(torch.bfloat16)
     elif setup.precision in ("16-true", "16", "16-mixed"):
         model = model.to(torch.float16)
     apply_activation_checkpointing(model, setup.checkpointing)
+    return model
+
+
+def activation_bytes(setup: Setup, keeps_scores: bool) -> tuple[int, int]:
+    """(bytes a training step keeps for backward, of which the (B, H, T, S) scores), from a meta trace of
+    its own meta model (checkpointing and the dtype change it). `keeps_scores`: see kernel_keeps_scores."""
+    cfg = setup.model
+    model = step_model(setup)
     params = {p.untyped_storage()._cdata for p in model.parameters()}
     sizes: dict[int, int] = {}  # bytes of each storage autograd keeps (views of one storage count once)
     heads_scores = setup.batch_size * cfg.n_heads * setup.seq_len**2
@@ -211,13 +237,18 @@ def activation_bytes(setup: Setup, keeps_scores: bool) -> tuple[int, int]:
 
     handles = _keep_checkpointed_inputs(model, pack)
     idx = torch.zeros(setup.batch_size, setup.seq_len, dtype=torch.long, device="meta")
-    fused = not keeps_scores and cfg.attention.get("kernel", "sdpa") == "sdpa"
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _meta_moe(model):
-        with _fused_sdpa() if fused else contextlib.nullcontext():
-            model.loss(idx, idx)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _meta_moe(model), _kernel(model, keeps_scores):
+        model.loss(idx, idx)
     for handle in handles:
         handle.remove()
     return sum(sizes.values()), sum(sizes[k] for k in scores)
+
+
+def _kernel(model: Transformer, keeps_scores: bool) -> contextlib.AbstractContextManager:
+    """sdpa as the run's device runs it: its math decomposition on meta tensors where the kernel keeps
+    the scores, else what a fused kernel keeps."""
+    fused = not keeps_scores and model.cfg.attention.get("kernel", "sdpa") == "sdpa"
+    return _fused_sdpa() if fused else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -257,6 +288,114 @@ def _keep_checkpointed_inputs(model: Transformer, pack) -> list[Any]:
     return [block.register_forward_pre_hook(keep) for block in model.blocks if type(block).__name__ == "CheckpointWrapper"]
 
 
+# ---- the step's peak: every tensor alive, traced on meta tensors ----------------------------------
+
+
+# CPU allocator slack. glibc's malloc gives a freed block back to the kernel only when it was mmapped;
+# its threshold for mmap rises to each mmapped block freed, up to 32 MiB on 64-bit, so after the first
+# step every tensor below 32 MiB lives on the heap, whose freed chunks stay resident (Python's and torch's
+# small long-lived objects at the heap's top stop it shrinking) and fragment: the next allocations do not
+# fit the holes the backward's frees leave. Measured (scripts/bench_plan.py, 11 configurations, AVX2
+# EPYC, torch 2.13, glibc 2.36, two runs): resident set minus runtime minus the traced live tensors was
+# 0.15-0.34 of the bytes one backward pass allocates below 32 MiB (gradients of activations, recomputed blocks),
+# 0.21-0.33 of the live tensors without checkpointing but 1.0-1.1 with full checkpointing, whose
+# recomputation churns the heap; with MALLOC_MMAP_THRESHOLD_=65536 (no dynamic threshold) the slack
+# vanished (alibi: 917 MB measured, 485 + 433 planned). With 0.24 the plan was 0.94-1.06x the measured
+# peak (1.06x: d_model 256, whose heap kept 0.34); the pre-flight's margin covers the spread.
+MMAP_CEILING = 32 * 2**20
+CPU_HEAP_SLACK = 0.24
+
+
+class LiveTensors(TorchDispatchMode):
+    """Bytes of every tensor storage alive while a step runs, by what made it: the weights, the forward
+    (activations, logits, attention scores and their temporaries), the backward (its working set),
+    gradients and the optimizer (states and step temporaries). A storage counts from the op that makes
+    it until its last reference dies (a weakref callback), which is when the allocator frees it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phase = "forward"
+        self.heap_churn = 0  # bytes the backward passes allocated in blocks glibc keeps on its heap
+        self.live: dict[int, tuple[Any, int, str]] = {}  # storage -> (weakref, bytes, part)
+        self.now: dict[str, int] = {}
+        self.peak: dict[str, int] = {}
+        self.peak_phase = ""
+
+    def track(self, t: Tensor, part: str | None = None) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self.live:
+            if part is not None:  # a tensor made by one phase, relabelled (a gradient, an optimizer state)
+                self._add(self.live[key][2], -self.live[key][1])
+                self.live[key] = (*self.live[key][:2], part)
+                self._add(part, self.live[key][1])
+            return
+        size, part = storage.nbytes(), part or self.phase
+        self.live[key] = (weakref.ref(storage, lambda _, key=key: self._free(key)), size, part)
+        if self.phase == "backward" and size < MMAP_CEILING:
+            self.heap_churn += size
+        self._add(part, size)
+
+    def _free(self, key: int) -> None:
+        _, size, part = self.live.pop(key)
+        self._add(part, -size)
+
+    def _add(self, part: str, size: int) -> None:
+        self.now[part] = self.now.get(part, 0) + size
+        if size > 0 and sum(self.now.values()) > sum(self.peak.values()):
+            self.peak, self.peak_phase = dict(self.now), self.phase
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, Tensor):
+                self.track(t)
+        return out
+
+
+def traced_peak(setup: Setup, keeps_scores: bool) -> tuple[dict[str, int], str, int]:
+    """(bytes alive at the highest point of a training step, by part; the phase it happens in; the bytes
+    one backward pass allocates below glibc's mmap ceiling), from the run's model on meta tensors.
+    AdamW's states exist before the traced step, as from the second step on (the first step allocates
+    them while the gradients are alive: the same set); with gradient accumulation two micro-batches (the
+    first one's gradients stay for the second). Gradient clipping runs as the run's does; the foreach
+    step too (its temporaries are lists the size of the parameters), while the fused kernel holds no
+    temporaries and torch's for-loop one parameter's, so those step as one tensor of the largest."""
+    model = step_model(setup)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, foreach=True)
+    for p in params:  # what AdamW's first step allocates (torch.optim.adam's _init_group)
+        optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                              "exp_avg_sq": torch.zeros_like(p)}
+    tracker = LiveTensors()
+    for p in model.parameters():
+        tracker.track(p, "weights")
+    for state in optimizer.state.values():
+        for t in state.values():
+            tracker.track(t, "optimizer")
+    hooks = [p.register_post_accumulate_grad_hook(lambda p: tracker.track(p.grad, "gradients")) for p in params]
+    idx = torch.zeros(setup.batch_size, setup.seq_len, dtype=torch.long, device="meta")
+    passes = min(setup.accumulate, 2)
+    with tracker, _meta_moe(model), _kernel(model, keeps_scores):
+        for _ in range(passes):
+            tracker.phase = "forward"
+            loss = model.loss(idx, idx).loss
+            tracker.phase = "backward"
+            loss.backward()
+            del loss
+        tracker.phase = "optimizer"
+        if setup.clip_grad:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if setup.optimizer == "foreach":
+            optimizer.step()
+        elif params:
+            torch.empty_like(max(params, key=Tensor.numel))
+    for hook in hooks:
+        hook.remove()
+    churn = tracker.heap_churn // passes  # per backward pass
+    return {part: size for part, size in tracker.peak.items() if size}, tracker.peak_phase, churn
+
+
 def kv_cache_bytes(cfg: ModelConfig, context: int, batch: int = 1, dtype_bytes: int = 4) -> int:
     """Keys and values of every layer for `batch` sequences of `context` tokens; a sliding window
     keeps only its last `window` positions; GQA keeps n_kv_heads heads."""
@@ -275,12 +414,18 @@ def parameter_counts(cfg: ModelConfig) -> tuple[dict[str, int], int, int]:
     return component_params(model), model.num_params(), active_params(model)
 
 
-def make_plan(setup: Setup) -> Plan:
+def make_plan(setup: Setup, saved_activations: bool = True) -> Plan:
+    """The plan of a run; without `saved_activations` (what fitting_changes needs: the peak alone) the
+    separate trace of the tensors autograd saves is skipped and memory["activations"] is 0."""
     model = meta_model(setup.model)
     cfg = setup.model
     keeps_scores = kernel_keeps_scores(model, setup.accelerator)
     memory = state_bytes(model, setup)
-    memory["activations"], scores = activation_bytes(setup, keeps_scores)
+    memory["activations"], scores = activation_bytes(setup, keeps_scores) if saved_activations else (0, 0)
+    traced, phase, churn = traced_peak(setup, keeps_scores)
+    peak = peak_tensors(traced, memory)
+    if setup.accelerator == "cpu":  # what glibc keeps resident beyond the live tensors (see CPU_HEAP_SLACK)
+        peak["allocator"] = round(CPU_HEAP_SLACK * churn)
     flops = model.flops_per_token(setup.seq_len)  # what MFU counts: the window's keys only
     return Plan(
         params=component_params(model),
@@ -293,7 +438,26 @@ def make_plan(setup: Setup) -> Plan:
         kernel_keeps_scores=keeps_scores,
         tokens_per_step=setup.batch_size * setup.seq_len * setup.accumulate * setup.ranks,
         setup={k: v for k, v in asdict(setup).items() if k != "model"},
+        peak=peak,
+        peak_phase=phase,
     )
+
+
+def peak_tensors(traced: dict[str, int], memory: dict[str, int]) -> dict[str, int]:
+    """The traced peak with the states as the run holds them: the trace runs unsharded, in the dtype of
+    the activations, so weights come from `memory` (fp32 masters, FSDP shards and gathered blocks), and
+    the gradients and optimizer states alive at the peak are scaled by the same ratio."""
+    peak = {"weights": memory["weights"] + memory.get("fsdp_gathered", 0)}
+    if memory["weights"] != traced.get("weights", 0) and not memory.get("fsdp_gathered"):
+        # mixed precision: autocast's 16-bit copies of the weights, which the backward keeps (the trace's)
+        peak["weights"] += traced.get("weights", 0)
+    state = memory["weights"] / max(1, traced.get("weights", 0))  # the shard and dtype ratio of the states
+    for part in ("gradients", "optimizer"):
+        if traced.get(part):
+            peak[part] = round(traced[part] * state)
+    peak["activations"] = traced.get("forward", 0)  # made by the forward, alive at the peak
+    peak["working set"] = traced.get("backward", 0)  # the backward's gradients of activations and temporaries
+    return peak
 
 
 def train_time(plan: Plan, tokens: float, mfu: float, peak_flops: float, devices: int) -> dict[str, float]:
@@ -318,11 +482,90 @@ def compute_optimal(flops: float) -> tuple[float, float]:
     return n, flops / (6 * n)
 
 
+# ---- the process around the step: its runtime and the allocator's slack ----------------------------
+
+# A fresh process doing what `llmkit train` does before its model has any size: the imports and one
+# step of a tiny model (thread pools, oneDNN's caches and the autograd engine start on the first step).
+_PROBE = """
+import resource, torch, lightning, llmkit.train, llmkit.commands.train
+from llmkit.model import ModelConfig, Transformer
+model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=16))
+idx = torch.zeros(2, 16, dtype=torch.long)
+model.loss(idx, idx).loss.backward()
+torch.optim.AdamW(model.parameters(), fused=True).step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
+"""
+# GPU (not measured here: no GPU was lent): the caching allocator's max_memory_reserved above
+# max_memory_allocated (2 MiB segments, blocks it cannot split), and the CUDA context, which neither counts.
+GPU_ALLOCATOR_SLACK = 0.1
+GPU_CONTEXT_BYTES = GIB // 2
+
+
+def machine_key() -> str:
+    """What the runtime's size depends on: Python, torch, Lightning, the CPU model and torch's threads."""
+    import platform
+    from importlib.metadata import version
+
+    cpu = next((line.split(":", 1)[1].strip() for line in _lines("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    return (f"python {platform.python_version()} torch {torch.__version__} lightning {version('lightning')} "
+            f"{cpu} threads {torch.get_num_threads()}")
+
+
+def process_baseline() -> tuple[int, str]:
+    """(peak resident bytes of a training process whose model is tiny, where the figure comes from):
+    measured once per machine kind in a fresh process (about 10 s) and cached in
+    ~/.cache/llmkit/process_baseline.json ($LLMKIT_CACHE moves it)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = Path(os.environ.get("LLMKIT_CACHE", Path.home() / ".cache" / "llmkit")) / "process_baseline.json"
+    key = machine_key()
+    known = json.loads(path.read_text()) if path.exists() else {}
+    if key not in known:
+        probe = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True)
+        if probe.returncode != 0:
+            raise RuntimeError(f"measuring the training process's runtime failed (preflight=off skips the "
+                               f"pre-flight):\n{probe.stderr[-2000:]}")
+        known[key] = int(probe.stdout.split()[-1])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # another process may measure at the same time
+        tmp.write_text(json.dumps(known, indent=1))
+        tmp.replace(path)
+    return known[key], f"measured for {key}"
+
+
+def process_rss() -> int:
+    """This process's resident set now."""
+    return int(next((line.split()[1] for line in _lines("/proc/self/status") if line.startswith("VmRSS:")), 0)) * 1024
+
+
+def with_runtime(plan: Plan, setup: Setup, in_process: bool = False) -> Plan:
+    """Complete the peak with what the machine adds to the traced tensors. CPU: the process's runtime (the
+    fresh-process measurement, or, with `in_process`, this process's resident set when that is larger: a
+    training process that has grown, in a notebook or a multirun, keeps what it holds) and the loader's
+    batches (make_plan traced glibc's slack). GPU: the CUDA context and the caching allocator's slack.
+    Calling it again replaces what it added."""
+    if setup.accelerator == "gpu":
+        tensors = sum(v for k, v in plan.peak.items() if k not in ("runtime", "allocator"))
+        plan.peak["runtime"] = GPU_CONTEXT_BYTES
+        plan.peak["allocator"] = round(GPU_ALLOCATOR_SLACK * tensors)
+        return plan
+    plan.peak["runtime"] = max(process_baseline()[0], process_rss() if in_process else 0)
+    plan.peak["loader"] = 2 * 2 * setup.batch_size * setup.seq_len * 8  # inputs and targets (int64), one batch ahead
+    return plan
+
+
+def _lines(path: str) -> list[str]:
+    try:
+        return open(path).read().splitlines()
+    except OSError:
+        return []
+
+
 # ---- from a composed config ------------------------------------------------------------------------
-
-CPU_RUNTIME_BYTES = GIB // 2  # the interpreter, torch and Lightning themselves, per process
-GPU_RUNTIME_BYTES = GIB  # CUDA context and allocator slack
-
 
 def setup_from_config(cfg: Any) -> Setup:
     """A Setup from a composed `train` config (what `llmkit train` would run)."""
@@ -352,12 +595,16 @@ def setup_from_config(cfg: Any) -> Setup:
         accelerator="gpu" if trainer.get("accelerator") in ("gpu", "cuda") else "cpu",
         peak_flops=trainer.get("peak_flops_per_device"),
         accumulate=int(trainer.get("accumulate_grad_batches", 1)),
+        optimizer=_adamw_kind(cfg.get("optim", {}).get("fused"), trainer.get("accelerator")),
+        clip_grad=bool(trainer.get("gradient_clip_val")),
     )
 
 
-def with_runtime(plan: Plan, setup: Setup) -> Plan:
-    plan.memory["runtime"] = GPU_RUNTIME_BYTES if setup.accelerator == "gpu" else CPU_RUNTIME_BYTES
-    return plan
+def _adamw_kind(fused: bool | None, accelerator: str | None) -> str:
+    """fused: true | false (foreach) | null: torch's choice, foreach on a GPU and its for-loop on the CPU."""
+    if fused is None:
+        return "foreach" if accelerator in ("gpu", "cuda") else "single"
+    return "fused" if fused else "foreach"
 
 
 def available_memory(setup: Setup) -> tuple[int, str]:
@@ -382,10 +629,11 @@ def _meminfo(key: str) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def fitting_changes(setup: Setup, limit: int) -> list[tuple[str, int]]:
-    """Changes to the run that bring the estimate under `limit` bytes, with their estimates: the
+def fitting_changes(setup: Setup, limit: int, margin: float = 0.0, runtime: int | None = None) -> list[tuple[str, int]]:
+    """Changes to the run that bring its peak (plus `margin`) under `limit` bytes, with their peaks: the
     largest micro-batch (with accumulation keeping the tokens per step), full activation
-    checkpointing, sharding, the longest context; each kind tried on its own."""
+    checkpointing, sharding, the longest context; each kind tried on its own. `runtime`: the process's
+    runtime as the refused plan counted it (with_runtime's otherwise)."""
 
     batches, batch, accumulate = [], setup.batch_size, setup.accumulate
     while batch > 1:
@@ -406,8 +654,9 @@ def fitting_changes(setup: Setup, limit: int) -> list[tuple[str, int]]:
     fits = []
     for kind in kinds:
         for text, candidate in kind:
-            total = with_runtime(make_plan(candidate), candidate).total_memory
-            if total <= limit:
+            plan = with_runtime(make_plan(candidate, saved_activations=False), candidate)
+            total = plan.peak_memory + (runtime - plan.peak["runtime"] if runtime is not None else 0)
+            if total * (1 + margin) <= limit:
                 fits.append((text, total))
                 break
     return fits
@@ -433,10 +682,26 @@ def describe(plan: Plan, setup: Setup) -> str:
         elif name == "activations":
             note = "  (fused attention kernel: no (T, T) scores kept)"
         lines.append(f"  {name:<14} {_gib(size):>12}{note}")
-    lines.append(f"  {'total':<14} {_gib(plan.total_memory):>12}")
+    lines.append(f"  {'total':<14} {_gib(plan.total_memory):>12}  (the tensors a step holds)")
+    if plan.peak:
+        lines.append(f"peak of the process per rank (in the {plan.peak_phase} pass; the pre-flight's figure):")
+        lines += [f"  {name:<14} {_gib(size):>12}  {PEAK_PARTS.get(name, '')}" for name, size in plan.peak.items()]
+        lines.append(f"  {'peak':<14} {_gib(plan.peak_memory):>12}")
     kv = kv_cache_bytes(cfg, cfg.max_seq_len, 1, param_bytes(setup.precision))
     lines.append(f"KV cache for generation: {_gib(kv)} per sequence of {cfg.max_seq_len} tokens")
     return "\n".join(lines)
+
+
+PEAK_PARTS = {
+    "weights": "fsdp: the shard and two gathered blocks; mixed precision: and autocast's 16-bit copies",
+    "gradients": "alive at the peak",
+    "optimizer": "AdamW's states and step temporaries alive at the peak",
+    "activations": "made by the forward and still alive: saved tensors, logits, (B, H, T, T) scores",
+    "working set": "made by the backward: gradients of activations and logits, recomputed blocks, temporaries",
+    "runtime": "the process itself: interpreter, torch, Lightning, thread pools (measured once per machine)",
+    "loader": "a batch of inputs and targets, and the next one",
+    "allocator": "slack: glibc's heap keeps freed blocks resident (CPU); the caching allocator's segments (GPU)",
+}
 
 
 def _gib(size: int) -> str:
@@ -450,20 +715,27 @@ class PlanError(RuntimeError):
     """The run's estimate does not fit the device: raised before anything is allocated."""
 
 
-def preflight(cfg: Any) -> Plan | None:
-    """Estimate the run of a composed train config and stop it (preflight=error, the default), warn
-    (warn) or do nothing (off) when it needs more memory than the device has."""
+def preflight(cfg: Any, in_process: bool = True) -> Plan | None:
+    """Estimate the peak of a composed train config's run and stop it (preflight=error, the default), warn
+    (warn) or do nothing (off) when that peak plus `preflight_margin` exceeds what one rank may use:
+    `preflight_limit` bytes when set, else the GPU's memory or the RAM available now. `in_process`: the
+    caller is the training process (see with_runtime)."""
     mode = str(cfg.get("preflight", "error"))
     if mode not in ("error", "warn", "off"):
         raise ValueError(f"preflight={mode}: valid values are error, warn, off")
     if mode == "off":
         return None
+    margin = float(cfg.get("preflight_margin", 0.1))
+    if not 0 <= margin < 1:
+        raise ValueError(f"preflight_margin={margin}: give a fraction in [0, 1), e.g. 0.1 for 10% headroom")
     setup = setup_from_config(cfg)
-    plan = with_runtime(make_plan(setup), setup)
+    plan = with_runtime(make_plan(setup), setup, in_process)
     limit, where = available_memory(setup)
-    if plan.total_memory <= limit:
+    if cfg.get("preflight_limit") is not None:
+        limit, where = int(float(cfg.preflight_limit)), f"preflight_limit={cfg.preflight_limit}"
+    if plan.peak_memory * (1 + margin) <= limit:
         return plan
-    message = refusal(plan, setup, limit, where)
+    message = refusal(plan, setup, limit, where, margin)
     if mode == "error":
         raise PlanError(message)
     import logging
@@ -472,16 +744,20 @@ def preflight(cfg: Any) -> Plan | None:
     return plan
 
 
-def refusal(plan: Plan, setup: Setup, limit: int, where: str) -> str:
-    largest = max(plan.memory, key=plan.memory.get)
+def refusal(plan: Plan, setup: Setup, limit: int, where: str, margin: float = 0.0) -> str:
+    parts = {k: v for k, v in plan.peak.items() if k != "runtime"}
+    largest = max(parts, key=parts.get)
     because = (f"the attention scores (B, H, T, T) alone take {_gib(plan.scores_bytes)}"
-               if plan.scores_bytes > plan.total_memory / 2 else f"{largest} take {_gib(plan.memory[largest])}")
-    lines = [f"pre-flight: this run needs about {_gib(plan.total_memory)} per rank, but {where} "
-             f"({_gib(limit)} per rank): {because}.", describe(plan, setup)]
-    changes = fitting_changes(setup, limit)
+               if plan.scores_bytes > plan.peak_memory / 2 else f"{largest} take {_gib(parts[largest])}")
+    lines = [f"pre-flight: this run's peak is about {_gib(plan.peak_memory)} per rank (+{margin:.0%} margin: "
+             f"{_gib(round(plan.peak_memory * (1 + margin)))}), but {where} ({_gib(limit)} per rank): {because}.",
+             describe(plan, setup)]
+    changes = fitting_changes(setup, limit, margin, plan.peak.get("runtime"))
     if changes:
-        lines.append("these changes would fit:")
-        lines += [f"  {text}: about {_gib(total)}" for text, total in changes]
+        lines.append("these changes would fit (peak with its margin under the limit):")
+        lines += [f"  {text}: peak about {_gib(total)}" for text, total in changes]
+    elif plan.peak.get("runtime", 0) * (1 + margin) > limit:
+        lines.append(f"the process alone (runtime: {_gib(plan.peak['runtime'])}) does not fit: raise the limit or free memory")
     else:
         lines.append("no single change tried (smaller micro-batch, activation checkpointing, fsdp, shorter context) fits")
     lines.append("(`llmkit plan <overrides>` prints this estimate; preflight=warn or preflight=off runs anyway)")

@@ -1,4 +1,5 @@
-"""llmkit plan <train overrides>: parameters, FLOPs, memory, time and Chinchilla sizing, in well under a second."""
+"""llmkit plan <train overrides>: parameters, FLOPs, memory and the process's peak, time and Chinchilla sizing,
+in about a second (the first call on a machine also measures the process's runtime, see plan.process_baseline)."""
 
 from __future__ import annotations
 

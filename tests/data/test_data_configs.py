@@ -15,7 +15,8 @@ import llmkit  # noqa: F401  (config resolvers)
 from llmkit.data import LMDataModule
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-POSTTRAIN = {"sft": "SFTDataModule", "preference": "PreferenceDataModule"}  # llmkit/posttrain/data.py
+POSTTRAIN = {"sft": "SFTDataModule", "preference": "PreferenceDataModule",  # llmkit/posttrain/data.py
+             "prompts": "PromptDataModule"}  # llmkit/posttrain/prompts.py (online RL)
 OPTIONS = sorted(p.stem for p in (CONF / "data").glob("*.yaml") if p.stem not in POSTTRAIN)
 REQUIRED = {"text": ["data.path=corpus.txt"], "jsonl": ["data.path=docs.jsonl"], "hf": ["data.source_options.dataset=json"]}
 

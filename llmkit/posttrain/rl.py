@@ -1,0 +1,350 @@
+"""Online RL objectives (`task=grpo | rloo`): each training step samples completions of its prompts with the
+policy, scores them (llmkit/posttrain/rewards.py), and updates on them (llmkit/posttrain/rl_losses.py).
+
+The rollout. A micro-batch's B prompts, each repeated num_generations (G) times, are ONE batch of
+N = B x G rows through llmkit's batched KV-cache decoder (llmkit/generation: the decoder the server
+and `llmkit generate` use), each row stopping at the template's end of turn (or EOS), or cut at
+max_completion_length (counted as truncated). The sampler's generator is seeded from (data seed,
+step, accumulation slot, rank), so a resumed run samples what the uninterrupted one did.
+
+The update. One forward of the N rows [prompt, completion] (right-padded, so no mask is needed)
+gives the per-token log-probs of the completion tokens at temperature T (logits / T, as TRL). The
+importance ratio is against the rollout's log-probs: at a rollout's first update they are these
+very log-probs, detached (ratio exactly 1, nothing clipped); with num_iterations > 1 they are kept
+for the updates that reuse the rollout (the data module brings its prompts back; the kept rollout is
+in the checkpoint, so a resume mid-way goes on with it).
+
+The reference (beta != 0): the base with its adapters off (finetune=lora), else a frozen copy of
+the base; with beta = 0 none is built. Its log-probs are taken once per rollout. The KL goes into
+the loss per token (GRPO, kl_in=loss, k3 by default) or is summed per completion and subtracted
+from the reward (RLOO, kl_in=reward, k1 by default).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import json
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from llmkit.generation.sampling import stream
+from llmkit.model import Transformer
+from llmkit.posttrain.objectives import OBJECTIVES, Objective, StepOutput
+from llmkit.posttrain.packing import IGNORE
+from llmkit.posttrain.rewards import REWARDS, Completions, score
+from llmkit.posttrain.rl_losses import (
+    GRPO_LOSSES,
+    KL_ESTIMATORS,
+    group_advantages,
+    grpo_loss,
+    rloo_advantages,
+    rloo_loss,
+    sequence_kl,
+)
+
+REFERENCES = ("auto", "copy", "lora")
+
+
+@dataclass
+class Rollout:
+    """N = prompts x G rows; per-token tensors (N, T) over [prompt, completion, padding]."""
+
+    ids: Tensor  # (N, T) long
+    labels: Tensor  # (N, T): labels[t] = ids[t + 1] on completion tokens, IGNORE elsewhere
+    rewards: Tensor  # (N,) float64, NaN where unscorable (after any KL penalty)
+    advantages: Tensor  # (N,)
+    ref_logps: Tensor | None = None  # (N, T) the reference's, when beta != 0
+    old_logps: Tensor | None = None  # (N, T) the policy's at the rollout, kept for num_iterations > 1
+    old_values: Tensor | None = None  # PPO: (N, T) the value head's at the rollout
+    returns: Tensor | None = None  # PPO: (N, T) the value targets
+
+    @property
+    def mask(self) -> Tensor:
+        return (self.labels != IGNORE).float()
+
+    def state(self) -> dict[str, Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+def rollout_generator(device: torch.device, seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    """The sampler's random numbers, a function of where in the run they are drawn: resume is exact."""
+    key = hashlib.sha256(f"{seed}:{step}:{micro}:{rank}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(key[:8], "big") >> 1)
+
+
+def sample(
+    model: Transformer, prompts: list[list[int]], num_generations: int, max_new_tokens: int, *, temperature: float,
+    top_p: float | None, stop_id: int | None, generator: torch.Generator,
+) -> tuple[list[list[int]], list[bool]]:
+    """Every prompt num_generations times, consecutively, in one batch: (completion ids ending with the stop
+    token when one came, truncated per row)."""
+    rows = [p for p in prompts for _ in range(num_generations)]  # (N,) groups of G consecutive rows
+    out: list[list[int]] = [[] for _ in rows]
+    stop_ids = () if stop_id is None else (stop_id,)
+    for step in stream(model, rows, max_new_tokens, temperature=temperature, top_p=top_p, stop_ids=stop_ids,
+                       generator=generator):
+        for completion, token in zip(out, step, strict=True):
+            if token is not None:
+                completion.append(token)
+    truncated = [len(c) >= max_new_tokens for c in out]  # a row that stopped earlier sampled its stop token
+    completions = [c if cut or stop_id is None else [*c, stop_id] for c, cut in zip(out, truncated, strict=True)]
+    return completions, truncated
+
+
+def layout(prompts: list[list[int]], completions: list[list[int]], num_generations: int, pad_id: int) -> tuple[Tensor, Tensor]:
+    """(N, T) ids [prompt, completion] right-padded, and labels naming each completion token at the
+    position that predicts it."""
+    rows = [p for p in prompts for _ in range(num_generations)]
+    width = max(len(p) + len(c) for p, c in zip(rows, completions, strict=True))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for i, (p, c) in enumerate(zip(rows, completions, strict=True)):
+        ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+        labels[i, len(p) - 1 : len(p) - 1 + len(c)] = torch.tensor(c, dtype=torch.long)
+    return ids, labels
+
+
+def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+    """(N, T, V), (N, T) -> (N, T) float32 log p(label) of logits / temperature, 0 where unscored."""
+    x = logits.float() / temperature
+    picked = x.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(x, dim=-1)
+    return torch.where(labels != IGNORE, picked, 0.0)
+
+
+@torch.no_grad()
+def token_entropy(logits: Tensor, mask: Tensor, temperature: float = 1.0) -> Tensor:
+    """Mean entropy of the sampling distribution over the completion tokens."""
+    x = logits.detach()[mask.bool()].float() / temperature  # (n, V)
+    entropy = torch.logsumexp(x, -1) - (x.softmax(-1) * x).sum(-1)
+    return entropy.mean() if entropy.numel() else entropy.new_zeros(())
+
+
+def write_table(path: Path, step: int, batch: Completions, rewards: Tensor) -> None:
+    """Append the rollout's completions and rewards to a csv (step, prompt, completion, reward)."""
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(["step", "prompt", "completion", "reward"])
+        for prompt, text, value in zip(batch.prompts, batch.texts, rewards.tolist(), strict=True):
+            writer.writerow([step, prompt if isinstance(prompt, str) else json.dumps(prompt), text, value])
+
+
+class OnlineRL(Objective):
+    """What GRPO and RLOO share: the rollout, the reference, the logs. Subclasses give the advantages
+    and the loss."""
+
+    val_names = ()
+    min_generations = 2  # a group to compare each completion with
+    sequence_kl = True  # kl_in=reward: the completion's summed KL comes off its reward (PPO: per token instead)
+    default_kl_in = "loss"
+    default_kl_estimator = "k3"
+
+    def __init__(
+        self, reward: dict[str, Any] | None = None, num_generations: int = 8, max_completion_length: int = 64,
+        temperature: float = 1.0, top_p: float = 1.0, beta: float = 0.0, kl_estimator: str | None = None,
+        kl_in: str | None = None, epsilon: float = 0.2, epsilon_high: float | None = None, num_iterations: int = 1,
+        reference: str = "auto", log_completions: int = 0,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if num_generations < self.min_generations:
+            raise ValueError(f"{name}: num_generations={num_generations} leaves no group to compare a completion "
+                             "with: use num_generations >= 2")
+        if temperature <= 0:
+            raise ValueError(f"temperature={temperature}: online RL samples, so it must be > 0")
+        if reference not in REFERENCES:
+            raise ValueError(f"task.reference={reference}: choose one of {', '.join(REFERENCES)}")
+        if max_completion_length < 1 or num_iterations < 1:
+            raise ValueError("max_completion_length and num_iterations must be >= 1")
+        self.kl_in = kl_in or self.default_kl_in
+        if self.kl_in not in ("loss", "reward"):
+            raise ValueError(f"task.kl_in={self.kl_in}: choose loss (per token) or reward (per completion)")
+        self.kl_estimator = kl_estimator or self.default_kl_estimator
+        KL_ESTIMATORS.get(self.kl_estimator)
+        reward = dict(reward or {"name": "exact_match"})
+        self.reward = REWARDS.build(reward.pop("name"), **reward)
+        self.G, self.max_new, self.temperature, self.top_p = num_generations, max_completion_length, temperature, top_p
+        self.beta, self.epsilon, self.epsilon_high, self.num_iterations = beta, epsilon, epsilon_high, num_iterations
+        self.reference, self.log_completions = reference, log_completions
+        self._table: Path | None = None  # completions.csv in the run directory (rank 0)
+        self._frozen: list[Transformer] = []  # a reference copy, outside the module tree (not trained or saved)
+        self._use_lora_reference = False
+        self._rollouts: dict[int, Rollout] = {}  # accumulation slot -> the rollout its updates reuse
+        self.tokenizer: Any = None
+        self.stop_id: int | None = None
+        self.pad_id = 0
+        self._last_call: float | None = None
+        self._last_rollout_s = 0.0
+
+    # ---- construction --------------------------------------------------------------------------------
+    def attach(self, model: Transformer, init_from: str | None, finetune: str) -> None:
+        if self.beta == 0:
+            return  # no reference is built
+        kind = self.reference if self.reference != "auto" else ("lora" if finetune == "lora" else "copy")
+        if kind == "lora" and finetune != "lora":
+            raise ValueError("task.reference=lora uses the base with its adapters switched off: it needs finetune=lora")
+        self._use_lora_reference = kind == "lora"
+        if kind == "copy":
+            reference = copy.deepcopy(model).eval()
+            reference.requires_grad_(False)
+            self._frozen = [reference]
+
+    def on_fit_start(self, lit: Any) -> None:
+        from llmkit.text.chat import end_of_turn_id
+
+        if self._frozen:
+            self._frozen[0].to(lit.device)
+        datamodule = lit.trainer.datamodule
+        self.tokenizer = datamodule.tokenizer
+        self.stop_id = end_of_turn_id(self.tokenizer, datamodule.template)
+        self.pad_id = next((i for i in (self.tokenizer.pad_id, self.tokenizer.eos_id) if i is not None), 0)
+        self.reward.bind(self.tokenizer, lit.device)
+        if self.log_completions and lit.trainer.is_global_zero:
+            self._table = Path(lit.trainer.default_root_dir) / "completions.csv"
+
+    # ---- the rollout ---------------------------------------------------------------------------------
+    def rollout(self, model: Transformer, batch: dict[str, Any]) -> tuple[Rollout, dict[str, Tensor]]:
+        device = model.head.weight.device
+        generator = rollout_generator(device, batch["seed"], batch["step"], batch["micro"], batch["rank"])
+        completions, truncated = sample(model, batch["prompt_tokens"], self.G, self.max_new, temperature=self.temperature,
+                                        top_p=self.top_p, stop_id=self.stop_id, generator=generator)
+        ids, labels = layout(batch["prompt_tokens"], completions, self.G, self.pad_id)
+        ids, labels = ids.to(device), labels.to(device)
+        texts = [self.tokenizer.decode([t for t in c if t != self.stop_id]) for c in completions]
+        repeat = [i for i in range(len(batch["records"])) for _ in range(self.G)]
+        scored = Completions([batch["prompts"][i] for i in repeat], texts, completions,
+                             [batch["records"][i] for i in repeat], [batch["prompt_tokens"][i] for i in repeat])
+        raw, unscorable = score(self.reward, scored)
+        rollout = Rollout(ids, labels, raw.clone(), raw.new_zeros(len(raw)))
+        if self._table is not None and batch["step"] % self.log_completions == 0:
+            write_table(self._table, batch["step"], scored, raw)
+        logs: dict[str, Tensor] = {}
+        if self.beta != 0:
+            with torch.no_grad():
+                rollout.ref_logps = self._reference_logps(model, ids, labels)
+                if self.kl_in == "reward" and self.sequence_kl:  # the sampling policy's log-probs, as TRL's RLOO
+                    old = token_logprobs(model(ids), labels, self.temperature)
+                    kl = sequence_kl(old, rollout.ref_logps, rollout.mask, self.kl_estimator)  # (N,)
+                    rollout.rewards = raw - self.beta * kl.double().cpu()
+                    logs["kl"] = kl.sum() / rollout.mask.sum().clamp(min=1)  # per token, as in the loss
+        logs.update(self.finish(model, rollout))
+        lengths = torch.tensor([float(len(c)) for c in completions])
+        finite = raw[~torch.isnan(raw)]
+        logs.update({
+            "reward": finite.mean() if finite.numel() else raw.new_tensor(float("nan")),
+            "reward_std": finite.std() if finite.numel() > 1 else raw.new_zeros(()),
+            f"rewards/{self.reward.name}": finite.mean() if finite.numel() else raw.new_tensor(float("nan")),
+            "unscorable": torch.tensor(float(unscorable)),
+            "completions/mean_length": lengths.mean(), "completions/max_length": lengths.max(),
+            "completions/truncated": torch.tensor(sum(truncated) / len(truncated)),
+        })
+        return rollout, {k: v.float() for k, v in logs.items()}
+
+    def _reference_logps(self, model: Transformer, ids: Tensor, labels: Tensor) -> Tensor:
+        if self._use_lora_reference:
+            from llmkit.adapters.lora import lora_disabled
+
+            with lora_disabled(model):
+                return token_logprobs(model(ids), labels, self.temperature)
+        return token_logprobs(self._frozen[0](ids), labels, self.temperature)
+
+    def finish(self, model: Transformer, rollout: Rollout) -> dict[str, Tensor]:
+        """The rollout's advantages, from its rewards; returns what it logs."""
+        rollout.advantages = self.advantages(rollout.rewards).to(rollout.ids.device)
+        return {}
+
+    def advantages(self, rewards: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def policy_forward(self, model: Transformer, ids: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(N, T, V) logits of the update, and what else the loss reads (PPO: the hidden states)."""
+        return model(ids), None
+
+    def loss(self, logps: Tensor, old_logps: Tensor, rollout: Rollout, hidden: Tensor | None = None
+             ) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError
+
+    # ---- the step ------------------------------------------------------------------------------------
+    def training_loss(self, model: Transformer, batch: dict[str, Any], scale: float) -> StepOutput:
+        started = time.perf_counter()
+        logs: dict[str, Tensor] = {}
+        if self._last_call is not None:  # the previous step's forward, backward and optimizer step
+            logs["time/update_s"] = torch.tensor(started - self._last_call - self._last_rollout_s)
+        self._last_call = started
+        rollout = self._rollouts.get(batch["micro"]) if batch["iteration"] > 0 else None
+        if rollout is None:
+            rollout, rollout_logs = self.rollout(model, batch)
+            logs.update(rollout_logs)
+            self._last_rollout_s = time.perf_counter() - started
+            logs["time/rollout_s"] = torch.tensor(self._last_rollout_s)
+        else:
+            self._last_rollout_s = 0.0
+        logits, hidden = self.policy_forward(model, rollout.ids)  # (N, T, V)
+        logps = token_logprobs(logits, rollout.labels, self.temperature)
+        if rollout.old_logps is None:  # the rollout's first update: the policy has not moved since it sampled
+            rollout.old_logps = logps.detach()
+        if self.num_iterations > 1:
+            self._rollouts[batch["micro"]] = rollout
+        loss, metrics = self.loss(logps, rollout.old_logps, rollout, hidden)
+        aux = model.pop_aux_losses()
+        logs.update({"loss": loss.detach(), **metrics, "entropy": token_entropy(logits, rollout.mask, self.temperature)})
+        return StepOutput(loss + sum(aux.values()), logs, model.pop_metrics())
+
+    # ---- a kept rollout is part of the run's state (num_iterations > 1) ------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        return {micro: rollout.state() for micro, rollout in self._rollouts.items()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._rollouts = {int(micro): Rollout(**values) for micro, values in (state or {}).items()}
+
+
+@OBJECTIVES.register("grpo")
+class GRPO(OnlineRL):
+    """Group-normalised advantages, TRL's clipped token-level loss (loss_type grpo | bnpo | dr_grpo | dapo)."""
+
+    def __init__(self, *args: Any, loss_type: str = "dapo", scale_rewards: str = "group", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        GRPO_LOSSES.get(loss_type)
+        group_advantages(torch.zeros(2), 2, scale_rewards)  # an unknown scale fails at construction
+        self.loss_type, self.scale_rewards = loss_type, scale_rewards
+
+    def advantages(self, rewards: Tensor) -> Tensor:
+        return group_advantages(rewards, self.G, self.scale_rewards).float()
+
+    def loss(self, logps: Tensor, old_logps: Tensor, rollout: Rollout, hidden: Tensor | None = None
+             ) -> tuple[Tensor, dict[str, Tensor]]:
+        in_loss = self.beta if self.kl_in == "loss" else 0.0
+        return grpo_loss(logps, old_logps, rollout.advantages, rollout.mask, epsilon=self.epsilon,
+                         epsilon_high=self.epsilon_high, loss_type=self.loss_type, beta=in_loss,
+                         ref_logps=rollout.ref_logps, kl_estimator=self.kl_estimator,
+                         max_completion_length=self.max_new)
+
+
+@OBJECTIVES.register("rloo")
+class RLOO(OnlineRL):
+    """Leave-one-out baseline, the KL (k1) subtracted from the reward, TRL's clipped sequence-level loss."""
+
+    default_kl_in = "reward"
+    default_kl_estimator = "k1"
+
+    def __init__(self, *args: Any, normalize_advantages: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.kl_in != "reward":
+            raise ValueError("task=rloo puts the KL into the reward (kl_in=reward); per-token KL in the loss is GRPO's")
+        self.normalize_advantages = normalize_advantages
+
+    def advantages(self, rewards: Tensor) -> Tensor:
+        return rloo_advantages(rewards, self.G, self.normalize_advantages).float()
+
+    def loss(self, logps: Tensor, old_logps: Tensor, rollout: Rollout, hidden: Tensor | None = None
+             ) -> tuple[Tensor, dict[str, Tensor]]:
+        return rloo_loss(logps, old_logps, rollout.advantages, rollout.mask, epsilon=self.epsilon,
+                         epsilon_high=self.epsilon_high)
