@@ -12,13 +12,13 @@ file and line.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from llmkit.bench.tasks import CodeDoc, GenDoc, MCDoc, Task
+from llmkit.jsonl import read_records
 
 KINDS = {  # kind: (required fields, primary metric)
     "multiple_choice": ({"query", "choices", "gold"}, "acc"),
@@ -42,25 +42,8 @@ def load_tasks_dir(directory: str | Path) -> dict[str, Task]:
     referenced = {(p.parent / t.options["data"]).resolve() for p, t in pairs if "data" in t.options}
     for path in sorted(directory.glob("*.jsonl")):
         if path.resolve() not in referenced and path.stem not in tasks:
-            tasks[path.stem] = _task(path.stem, read_jsonl(path), {}, path)
+            tasks[path.stem] = _task(path.stem, read_records(path, TaskFileError), {}, path)
     return tasks
-
-
-def read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    records = []
-    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise TaskFileError(f"{path}:{line_no}: not valid JSON ({err.msg}, column {err.colno})") from None
-        if not isinstance(record, dict):
-            raise TaskFileError(f"{path}:{line_no}: each line must be a JSON object, not {type(record).__name__}")
-        records.append((line_no, record))
-    if not records:
-        raise TaskFileError(f"{path}:1: no documents in the file")
-    return records
 
 
 def _yaml_task(path: Path) -> Task:
@@ -69,17 +52,18 @@ def _yaml_task(path: Path) -> Task:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = mark.line + 1 if mark is not None else 1
-        raise TaskFileError(f"{path}:{line}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        raise TaskFileError(f"{path}, line {line}: not valid YAML ({getattr(err, 'problem', err)})") from None
     if not isinstance(spec, dict):
-        raise TaskFileError(f"{path}:1: a task file is a mapping with name, kind, and docs or data")
+        raise TaskFileError(f"{path}, line 1: a task file is a mapping with name, kind, and docs or data")
     unknown = set(spec) - OPTIONS - {"name", "kind", "docs", "data"}
     if unknown:
         allowed = ", ".join(["name", "kind", "docs", "data", *sorted(OPTIONS)])
-        raise TaskFileError(f"{path}:1: unknown keys {sorted(unknown)}; allowed: {allowed}")
+        raise TaskFileError(f"{path}, line 1: unknown keys {sorted(unknown)}; allowed: {allowed}")
     if ("docs" in spec) == ("data" in spec):
-        raise TaskFileError(f"{path}:1: give the documents either inline (docs: [...]) or as a JSONL file (data: file.jsonl)")
+        raise TaskFileError(f"{path}, line 1: give the documents either inline (docs: [...]) "
+                            "or as a JSONL file (data: file.jsonl)")
     if "data" in spec:
-        records = read_jsonl(path.parent / spec["data"])
+        records = read_records(path.parent / spec["data"], TaskFileError)
         source = path.parent / spec["data"]
     else:
         records = [(_doc_line(path, i), r) for i, r in enumerate(spec["docs"] or [])]
@@ -101,20 +85,20 @@ def _task(name: str, records: list[tuple[int, dict]], options: dict[str, Any], p
     if kind is None:
         kind = next((k for k, (fields, _) in KINDS.items() if fields <= set(first)), None)
         if kind is None:
-            raise TaskFileError(f"{path}:{first_line}: cannot tell the task's kind from fields {sorted(first)}; "
+            raise TaskFileError(f"{path}, line {first_line}: cannot tell the task's kind from fields {sorted(first)}; "
                                 + "; ".join(f"{k} needs {sorted(f)}" for k, (f, _) in KINDS.items()))
     if kind not in KINDS:
-        raise TaskFileError(f"{path}:1: unknown kind '{kind}'; kinds: {', '.join(KINDS)}")
+        raise TaskFileError(f"{path}, line 1: unknown kind '{kind}'; kinds: {', '.join(KINDS)}")
     fields, primary = KINDS[kind]
     docs = []
     for i, (line_no, record) in enumerate(records):
         missing = fields - set(record)
         if missing:
-            raise TaskFileError(f"{path}:{line_no}: a {kind} document needs {sorted(missing)} (has {sorted(record)})")
+            raise TaskFileError(f"{path}, line {line_no}: a {kind} document needs {sorted(missing)} (has {sorted(record)})")
         try:
             docs.append(_doc(kind, i, record, options))
         except (TypeError, ValueError, IndexError) as err:
-            raise TaskFileError(f"{path}:{line_no}: {err}") from None
+            raise TaskFileError(f"{path}, line {line_no}: {err}") from None
     return Task(name, kind, docs, primary=str(options.get("primary", primary)), options=options)
 
 

@@ -23,13 +23,13 @@ does): it is dropped, warned about, and counted in `Records.counts` for the run'
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmkit.jsonl import read_records
 from llmkit.registry import Registry
 
 Message = dict[str, str]
@@ -165,25 +165,6 @@ class Records:
         return self.format in PREFERENCE_FORMATS
 
 
-def _lines(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, record) for every non-blank line; malformed JSON names the file and line."""
-    out = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {number}: malformed JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}, line {number}: expected a JSON object, got a {type(record).__name__}")
-            out.append((number, record))
-    if not out:
-        raise ValueError(f"{path}: no records")
-    return out
-
-
 def _convert(
     path: Path, lines: list[tuple[int, dict[str, Any]]], convert: Callable[[dict[str, Any]], Record], fmt: str
 ) -> list[tuple[int, Record]]:
@@ -200,7 +181,7 @@ def read_jsonl(path: str | Path, format: str | None = None) -> Records:
     """Every record of a JSONL file, converted (see the module docstring). format: one of
     FORMATS.names(), or None to detect it from the first record."""
     path = Path(path)
-    lines = _lines(path)
+    lines = read_records(path)
     if format is None:
         try:
             format = detect_format(lines[0][1])

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from llmkit.data.streaming import EndlessBatchIndices
+from llmkit.jsonl import read_records
 from llmkit.posttrain.data import PostTrainDataModule
 from llmkit.posttrain.rows import RowBatches, is_prepared, save_rows
 from llmkit.text.chat import check_template, render_generation_prompt
@@ -54,7 +55,7 @@ class PromptDataModule(PostTrainDataModule):
         if self.max_prompt_length < 1:
             raise ValueError(f"max_completion_length={self.max_completion_length} leaves no room for a prompt in the "
                              f"model's context of {self.seq_len} tokens: lower it")
-        records = _read(self.path)
+        records = read_records(self.path)
         kept, prompts, too_long = [], [], 0
         for line, record in records:
             ids = render_generation_prompt(_messages(record, line, self.path), self.tokenizer, self.template)
@@ -132,29 +133,11 @@ class PromptBatches(RowBatches):
                 "step": step, "micro": micro, "iteration": step % self.repeat, "seed": self.seed, "rank": self.rank}
 
 
-def _read(path: Any) -> list[tuple[int, dict[str, Any]]]:
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line}: not JSON ({error})") from error
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line}: a record must be a JSON object with a prompt")
-            records.append((line, record))
-    if not records:
-        raise ValueError(f"{path}: no records")
-    return records
-
-
 def _messages(record: dict[str, Any], line: int, path: Any) -> list[dict[str, Any]]:
     prompt = record.get("prompt", record.get("messages"))
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
     if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt):
         return prompt
-    raise ValueError(f"{path}:{line}: a prompt record needs 'prompt' (a string or a list of {{role, content}} messages) "
+    raise ValueError(f"{path}, line {line}: a prompt record needs 'prompt' (a string or a list of {{role, content}} messages) "
                      f"or 'messages'; it has {', '.join(record) or 'nothing'}")

@@ -73,15 +73,16 @@ def test_own_tasks_from_jsonl_and_yaml(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("name", "text", "where", "what"), [
-    ("bad.jsonl", '{"query": "a", "choices": ["x", "y"], "gold": 0}\n\n{"query": "b", "choices": [\n', ":3:", "not valid JSON"),
-    ("bad.jsonl", '{"query": "a", "choices": ["x", "y"], "gold": 0}\n{"query": "b", "gold": 0}\n', ":2:",
+    ("bad.jsonl", '{"query": "a", "choices": ["x", "y"], "gold": 0}\n\n{"query": "b", "choices": [\n', ", line 3:",
+     "not valid JSON"),
+    ("bad.jsonl", '{"query": "a", "choices": ["x", "y"], "gold": 0}\n{"query": "b", "gold": 0}\n', ", line 2:",
      "needs \\['choices'\\]"),
-    ("bad.jsonl", '{"query": "a", "choices": ["x", "y"], "gold": 5}\n', ":1:", "gold an index"),
-    ("bad.jsonl", '{"what": 1}\n', ":1:", "cannot tell the task's kind"),
-    ("bad.yaml", "name: x\ndocs:\n  - query: [unclosed\n", ":4:", "not valid YAML"),
+    ("bad.jsonl", '{"query": "a", "choices": ["x", "y"], "gold": 5}\n', ", line 1:", "gold an index"),
+    ("bad.jsonl", '{"what": 1}\n', ", line 1:", "cannot tell the task's kind"),
+    ("bad.yaml", "name: x\ndocs:\n  - query: [unclosed\n", ", line 4:", "not valid YAML"),
     ("bad.yaml", "name: x\nkind: multiple_choice\ndocs:\n  - query: a\n    choices: [x, y]\n    gold: 0\n  - query: b\n",
-     ":7:", "needs"),
-    ("bad.yaml", "name: x\nwhat: 1\ndocs: []\n", ":1:", "unknown keys"),
+     ", line 7:", "needs"),
+    ("bad.yaml", "name: x\nwhat: 1\ndocs: []\n", ", line 1:", "unknown keys"),
 ])
 def test_malformed_task_file_names_file_and_line(tmp_path: Path, name: str, text: str, where: str, what: str) -> None:
     (tmp_path / name).write_text(text)

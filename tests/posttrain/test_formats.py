@@ -86,7 +86,7 @@ def test_missing_field_names_file_line_and_field(tmp_path: Path, fmt: str, bad: 
 
 def test_malformed_json_names_file_and_line(tmp_path: Path) -> None:
     path = write(tmp_path, {"prompt": "a", "completion": "b"}, '{"prompt": "a", "completion": }')
-    with pytest.raises(ValueError, match=r"data\.jsonl, line 2: malformed JSON"):
+    with pytest.raises(ValueError, match=r"data\.jsonl, line 2: not valid JSON"):
         read_jsonl(path)
 
 
