@@ -34,6 +34,17 @@ from llmkit.posttrain.packing import IGNORE
 from llmkit.registry import Registry
 
 OBJECTIVES: Registry[Objective] = Registry("task")
+# finetune= choices that train adapters over a frozen base: their reference can be the base with adapters off
+ADAPTER_FINETUNES = ("lora", "qlora")
+
+
+def frozen_copy(model: Transformer) -> Transformer:
+    """A reference model: a copy kept outside the module tree (not trained, not saved in checkpoints)."""
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
 REFERENCES = ("copy", "lora", "precomputed")
 
 
@@ -153,15 +164,13 @@ class DirectPreference(PairObjective):
         self.init_from: str | None = None
 
     def attach(self, model: Transformer, init_from: str | None, finetune: str) -> None:
-        if self.reference == "lora" and finetune != "lora":
+        if self.reference == "lora" and finetune not in ADAPTER_FINETUNES:
             raise ValueError("task.reference=lora uses the base with its adapters switched off: it needs finetune=lora")
         if self.reference == "precomputed" and init_from is None:
             raise ValueError("task.reference=precomputed computes the reference with the base model: give init_from=")
         self.init_from = init_from
         if self.reference == "copy":
-            reference = copy.deepcopy(model).eval()
-            reference.requires_grad_(False)
-            self._frozen = [reference]
+            self._frozen = [frozen_copy(model)]
 
     def on_fit_start(self, lit: Any) -> None:
         if self._frozen:

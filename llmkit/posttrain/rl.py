@@ -22,7 +22,6 @@ from the reward (RLOO, kl_in=reward, k1 by default).
 
 from __future__ import annotations
 
-import copy
 import csv
 import hashlib
 import json
@@ -36,7 +35,7 @@ from torch import Tensor
 
 from llmkit.generation.sampling import stream
 from llmkit.model import Transformer
-from llmkit.posttrain.objectives import OBJECTIVES, Objective, StepOutput
+from llmkit.posttrain.objectives import ADAPTER_FINETUNES, OBJECTIVES, Objective, StepOutput, frozen_copy
 from llmkit.posttrain.packing import IGNORE
 from llmkit.posttrain.rewards import REWARDS, Completions, score
 from llmkit.posttrain.rl_losses import (
@@ -188,14 +187,13 @@ class OnlineRL(Objective):
     def attach(self, model: Transformer, init_from: str | None, finetune: str) -> None:
         if self.beta == 0:
             return  # no reference is built
-        kind = self.reference if self.reference != "auto" else ("lora" if finetune == "lora" else "copy")
-        if kind == "lora" and finetune != "lora":
+        adapters = finetune in ADAPTER_FINETUNES
+        kind = self.reference if self.reference != "auto" else ("lora" if adapters else "copy")
+        if kind == "lora" and not adapters:
             raise ValueError("task.reference=lora uses the base with its adapters switched off: it needs finetune=lora")
         self._use_lora_reference = kind == "lora"
         if kind == "copy":
-            reference = copy.deepcopy(model).eval()
-            reference.requires_grad_(False)
-            self._frozen = [reference]
+            self._frozen = [frozen_copy(model)]
 
     def on_fit_start(self, lit: Any) -> None:
         from llmkit.text.chat import end_of_turn_id
