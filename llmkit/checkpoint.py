@@ -38,8 +38,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if "model_config" not in checkpoint:
         raise ValueError(f"{path} is not an llmkit checkpoint (it has no 'model_config')")
     if "lora" in checkpoint:  # an adapter checkpoint: its base, the adapters, merged (llmkit/adapters/lora.py)
-        from llmkit.adapters.lora import merged_from_adapter_checkpoint
-
         model = merged_from_adapter_checkpoint(checkpoint, map_location)
     else:
         prefix = "model."
@@ -79,10 +77,17 @@ def load_base(init_from: str | Path, map_location: str | torch.device = "cpu") -
 
 def adapted_from_checkpoint(checkpoint: dict, map_location: str | torch.device = "cpu") -> torch.nn.Module:
     """A LoRA run's checkpoint holds the adapters and names its base (`checkpoint["lora"]`): the base
-    model with those adapters on (not merged), as the run trained it."""
+    model with those adapters on (not merged), as the run trained it. A QLoRA run's also records how its
+    base was quantized (`"quant"`): the base is quantized the same way again and must give the same codes."""
     info = checkpoint["lora"]
     model, _ = load_base(info["base"], map_location)
-    apply_lora(model, LoraConfig(**info["config"]))
+    if "quant" in info:
+        from llmkit.adapters.qlora import QuantConfig, apply_qlora, check_fingerprint
+
+        apply_qlora(model, LoraConfig(**info["config"]), QuantConfig(**info["quant"]["config"]))
+        check_fingerprint(model, info["quant"], info["base"])
+    else:
+        apply_lora(model, LoraConfig(**info["config"]))
     prefix = "model."
     adapters = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items()
                 if k.startswith(prefix) and k.endswith(ADAPTER_PARAMS)}
@@ -91,8 +96,13 @@ def adapted_from_checkpoint(checkpoint: dict, map_location: str | torch.device =
 
 
 def merged_from_adapter_checkpoint(checkpoint: dict, map_location: str | torch.device = "cpu") -> torch.nn.Module:
-    """The same, merged into plain Linear layers: for inference, quantization and export."""
+    """The same, merged into plain Linear layers: for inference, quantization and export. A QLoRA base is
+    dequantized first, so the merged weights are the dequantized base plus the adapters' delta: the function
+    the adapters were trained with (not the full-precision base plus the delta)."""
+    from llmkit.adapters.qlora import dequantize_model
+
     model = adapted_from_checkpoint(checkpoint, map_location)
+    dequantize_model(model)  # nothing to do after plain LoRA
     merge_lora(model, keep_original=False)
     strip_merged(model)
     return model

@@ -175,6 +175,10 @@ def merge_lora(model: nn.Module, keep_original: bool = True) -> None:
     on unmerge, as PEFT does: W0 back to within one rounding per element, and wrong if the adapters
     changed in between."""
     layers = _require_lora(model, merged=False)
+    quantized = [name for name, m in layers if "weight" not in m._parameters]
+    if quantized:  # a QLoRA base has codes and scales, no weight to add the delta to
+        raise RuntimeError(f"{quantized[0]} has a quantized base (finetune=qlora): dequantize it first "
+                           "(llmkit.adapters.qlora.dequantize_model), then merge")
     _refuse_shared_weights(model, layers)
     for _, m in layers:
         m._lora_w0 = m.weight.detach().clone() if keep_original else None

@@ -19,6 +19,8 @@ from torchmetrics import MeanMetric
 from llmkit.distributed import apply_compile, apply_fsdp
 from llmkit.lit.optim import OPTIMIZERS, SCHEDULES
 from llmkit.model import ModelConfig, Transformer
+from llmkit.posttrain import rl, rl_ppo  # noqa: F401  (register the online RL objectives grpo, rloo, ppo)
+from llmkit.posttrain.objectives import ADAPTER_FINETUNES as ADAPTED  # finetune= values with adapter checkpoints
 from llmkit.posttrain.objectives import OBJECTIVES
 from llmkit.recompute import apply_activation_checkpointing
 
@@ -36,9 +38,10 @@ class LitLM(L.LightningModule):
         self.objective = OBJECTIVES.build(task.pop("name"), **task)
         self.val_metrics = torch.nn.ModuleDict({_key(n): MeanMetric() for n in self.objective.val_names})
         self.finetune = dict(finetune or {"name": "full"})
-        if self.finetune["name"] not in ("full", "lora"):
-            raise ValueError(f"finetune={self.finetune['name']}: valid values are full and lora")
-        self.strict_loading = self.finetune["name"] != "lora"  # adapter checkpoints hold only the adapters
+        if self.finetune["name"] not in ("full", *ADAPTED):
+            raise ValueError(f"finetune={self.finetune['name']}: valid values are full, lora and qlora")
+        self.strict_loading = self.finetune["name"] not in ADAPTED  # adapter checkpoints hold only the adapters
+        self._adapters: dict[str, Any] = {}  # what an adapter checkpoint records besides its base
 
     # ---- construction ----------------------------------------------------------------------------
     def model_config(self) -> ModelConfig:
@@ -53,12 +56,11 @@ class LitLM(L.LightningModule):
         init_from = self.hparams.init_from
         self.model = self._base(init_from) if init_from else Transformer(self.model_config())
         self.objective.attach(self.model, init_from, self.finetune["name"])
-        if self.finetune["name"] == "lora":
-            from llmkit.adapters.lora import LoraConfig, apply_lora
-
+        if self.finetune["name"] in ADAPTED:
             if not init_from:
-                raise ValueError("finetune=lora adapts a trained model: give init_from=<llmkit checkpoint | HF dir>")
-            apply_lora(self.model, LoraConfig(**{k: v for k, v in self.finetune.items() if k != "name"}))
+                raise ValueError(f"finetune={self.finetune['name']} adapts a trained model: "
+                                 "give init_from=<llmkit checkpoint | HF dir>")
+            self._adapters = _apply_adapters(self.model, self.finetune)
         apply_activation_checkpointing(self.model, self.hparams.activation_checkpointing)
         if self.hparams.compile:
             apply_compile(self.model)
@@ -78,7 +80,7 @@ class LitLM(L.LightningModule):
         if getattr(datamodule, "base_fingerprint", None) == tokenizer.fingerprint:  # data.add_template_tokens
             from llmkit.posttrain.base import resize_vocabulary
 
-            if self.finetune["name"] == "lora":
+            if self.finetune["name"] in ADAPTED:
                 raise ValueError("data.add_template_tokens=true needs finetune=full: with LoRA the new embedding rows "
                                  "would stay at their initial values and not be saved")
             return resize_vocabulary(model, theirs.vocab_size)
@@ -163,11 +165,10 @@ class LitLM(L.LightningModule):
         template = getattr(self.trainer.datamodule, "template", None) if self._trainer is not None else None
         if template is not None:  # what llmkit serve renders chat requests with
             checkpoint["chat_template"] = template
-        if self.finetune["name"] == "lora":  # the adapters (and the objective's head), and which base they adapt
+        if self.finetune["name"] in ADAPTED:  # the adapters (and the objective's head), and which base they adapt
             from llmkit.adapters.lora import ADAPTER_PARAMS
 
-            config = {k: (list(v) if k == "targets" else v) for k, v in self.finetune.items() if k != "name"}
-            checkpoint["lora"] = {"base": str(self.hparams.init_from), "config": config}
+            checkpoint["lora"] = {"base": str(self.hparams.init_from), **self._adapters}  # qlora: + "quant"
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
                                         if k.endswith(ADAPTER_PARAMS) or k.startswith("objective.")}
 
@@ -178,6 +179,24 @@ class LitLM(L.LightningModule):
                 f"the checkpoint's model has a vocabulary of {saved['vocab_size']} tokens but this run's data "
                 f"gives {self.model.cfg.vocab_size}; resume with the data and tokenizer the checkpoint was trained on"
             )
+
+
+def _apply_adapters(model: Transformer, finetune: dict[str, Any]) -> dict[str, Any]:
+    """LoRA (or QLoRA: the frozen base stored quantized, computed here once) on the model; returns what the
+    checkpoints record so that loading rebuilds the same model (llmkit/checkpoint.py adapted_from_checkpoint)."""
+    from dataclasses import asdict
+
+    from llmkit.adapters.lora import LoraConfig, apply_lora
+    from llmkit.adapters.qlora import apply_qlora, qlora_configs, quant_record
+
+    options = {k: v for k, v in finetune.items() if k != "name"}
+    if finetune["name"] == "qlora":
+        lora, quant = qlora_configs(options)
+        apply_qlora(model, lora, quant)
+        return {"config": asdict(lora), "quant": quant_record(quant, model)}
+    lora = LoraConfig(**{k: (list(v) if k == "targets" else v) for k, v in options.items()})
+    apply_lora(model, lora)
+    return {"config": asdict(lora)}
 
 
 def _key(name: str) -> str:

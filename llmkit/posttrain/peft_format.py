@@ -15,6 +15,10 @@ alpha, so PEFT computes the same scale. llmkit's SwiGLU keeps gate and up as sep
 A head tied to the embedding is still an `lm_head` module in transformers, which peft adapts (it warns that
 merging there is delicate; llmkit's merge_lora refuses it).
 
+A QLoRA model (llmkit/adapters/qlora.py) exports the same way: its QLoraLinear layers are LoraLinear layers
+whose frozen weight is stored quantized, and the adapter tensors are the trained ones, unchanged. peft puts them
+on the full-precision base (the weights differ from the dequantized ones by the quantization error).
+
 Only llama is supported: GPT-2 fuses c_attn in a transposed Conv1D on the Hugging Face side too, and
 Mixtral's experts are stacked parameters that LoRA does not adapt here.
 """
