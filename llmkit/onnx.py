@@ -20,6 +20,7 @@ Hugging Face exporter does.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,8 +118,8 @@ def export_onnx(model: Transformer, tokenizer: Tokenizer | None, out: str | Path
     chat_template: the one the model was post-trained with, recorded for `llmkit serve`."""
     cfg = model.cfg
     check_exportable(cfg)
-    if quantize not in (None, "none", "int8"):
-        raise OnnxExportError(f"quantize={quantize}: use int8 or null")
+    if quantize not in (None, "none", *QUANTIZERS):
+        raise OnnxExportError(f"quantize={quantize}: use one of {', '.join(QUANTIZERS)}, or null")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     inputs, outputs = io_names(cfg.n_layers)
@@ -136,8 +137,8 @@ def export_onnx(model: Transformer, tokenizer: Tokenizer | None, out: str | Path
     with torch.no_grad():
         torch.onnx.export(DecoderGraph(model.eval().float()), example, target, input_names=inputs, output_names=outputs,
                           dynamic_shapes=shapes, dynamo=True, opset_version=18, external_data=False, verbose=False)
-    if quantize == "int8":
-        _quantize_int8(target)
+    if quantize in QUANTIZERS:
+        QUANTIZERS[quantize](target)
     if tokenizer is not None:
         tokenizer.save(out)
     meta = {"format": FORMAT, "model_config": cfg.to_dict(), "n_kv_heads": n_kv, "head_dim": head_dim,
@@ -154,6 +155,30 @@ def _quantize_int8(path: Path) -> None:
     tmp = path.with_name(path.name + ".int8")
     quantize_dynamic(path, tmp, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
     tmp.replace(path)
+
+
+def _blockwise(bits: int, block_size: int = 32) -> Callable[[Path], None]:
+    """MatMulNBits: every MatMul's weight as `bits`-bit integers with a scale per block of `block_size` input
+    rows (symmetric), dequantized inside onnxruntime's kernel; activations stay fp32."""
+
+    def quantize(path: Path) -> None:
+        import logging
+
+        import onnx
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line a node
+        quantizer = MatMulNBitsQuantizer(onnx.load(path), bits=bits, block_size=block_size, is_symmetric=True)
+        quantizer.process()
+        tmp = path.with_name(path.name + f".q{bits}")
+        quantizer.model.save_model_to_file(str(tmp), use_external_data_format=False)
+        tmp.replace(path)
+
+    return quantize
+
+
+# quantize= choices: int8 dynamic (per-channel weights, activations quantized per call); q4 / q8 blockwise weights
+QUANTIZERS: dict[str, Callable[[Path], None]] = {"int8": _quantize_int8, "q4": _blockwise(4), "q8": _blockwise(8)}
 
 
 # ---- running it ------------------------------------------------------------------------------------

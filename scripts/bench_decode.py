@@ -8,7 +8,7 @@ weights, speed does not depend on them) with a BPE tokenizer trained on the benc
 Hugging Face (llmkit/hf.py) and to ONNX (llmkit/onnx.py), then decoded greedily by:
 
   llmkit fp32 / int8          llmkit.generation.generate with the KV cache (int8: llmkit/quantize.py, dynamic backend)
-  llmkit-onnx fp32 / int8     the same loop over llmkit's ONNX export on onnxruntime (int8: quantize=int8)
+  llmkit-onnx fp32/int8/q4    the same loop over llmkit's ONNX export on onnxruntime (quantize=int8, q4: MatMulNBits)
   transformers fp32           AutoModelForCausalLM.generate on the HF export
   ct2 float32 / int8          CTranslate2's converter on the HF export, Generator.generate_batch (token strings)
 
@@ -121,7 +121,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--text", type=Path, default=ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
     parser.add_argument("--engines", nargs="+", default=["llmkit", "llmkit-int8", "llmkit-onnx", "llmkit-onnx-int8",
-                                                         "transformers", "ct2-float32", "ct2-int8"])
+                                                         "llmkit-onnx-q4", "transformers", "ct2-float32", "ct2-int8"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -158,6 +158,7 @@ def engine_factories(model: Transformer, hf_dir: Path, work: Path, prompts: list
         "llmkit-int8": lambda: llmkit_engine(quantize_model(copy.deepcopy(model), "dynamic"), prompts, n),
         "llmkit-onnx": lambda: onnx_engine(_onnx(model, work, None), prompts, n, threads),
         "llmkit-onnx-int8": lambda: onnx_engine(_onnx(model, work, "int8"), prompts, n, threads),
+        "llmkit-onnx-q4": lambda: onnx_engine(_onnx(model, work, "q4"), prompts, n, threads),
         "transformers": lambda: transformers_engine(hf_dir, prompts, n),
         "ct2-float32": lambda: ct2_engine(hf_dir, work / "ct2-float32", "float32", prompts, n, threads),
         "ct2-int8": lambda: ct2_engine(hf_dir, work / "ct2-int8", "int8", prompts, n, threads),

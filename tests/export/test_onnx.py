@@ -93,15 +93,30 @@ def _onnx_logits(directory: Path):
     return logits_of
 
 
-@pytest.mark.extended
-def test_int8_onnx_perplexity_within_3_percent(trained, tmp_path: Path) -> None:  # noqa: F811
+@pytest.fixture(scope="module")
+def trained_fp32(trained, tmp_path_factory: pytest.TempPathFactory):  # noqa: F811
+    """The trained char model, its perplexity in torch, and its fp32 export's directory."""
     model, tokenizer, held_out = trained
-    window = model.cfg.max_seq_len
     with torch.no_grad():
-        reference = _perplexity(lambda ids: model(ids)[0], held_out, window)
-    fp32 = _perplexity(_onnx_logits(export_onnx(model, tokenizer, tmp_path / "fp32")), held_out, window)
-    int8 = _perplexity(_onnx_logits(export_onnx(model, tokenizer, tmp_path / "int8", quantize="int8")), held_out, window)
-    assert abs(fp32 / reference - 1) < 1e-5  # the same model and windows: only summation order differs
-    # the bound llmkit's own int8 meets (tests/test_quantize.py); a broken quantization is far off
-    assert abs(int8 / reference - 1) <= 0.03, (int8, reference)
-    assert (tmp_path / "int8" / MODEL_FILE).stat().st_size < 0.5 * (tmp_path / "fp32" / MODEL_FILE).stat().st_size
+        reference = _perplexity(lambda ids: model(ids)[0], held_out, model.cfg.max_seq_len)
+    return reference, export_onnx(model, tokenizer, tmp_path_factory.mktemp("onnx") / "fp32")
+
+
+@pytest.mark.extended
+def test_fp32_onnx_perplexity_is_llmkits(trained, trained_fp32) -> None:  # noqa: F811
+    model, _, held_out = trained
+    reference, fp32 = trained_fp32
+    ppl = _perplexity(_onnx_logits(fp32), held_out, model.cfg.max_seq_len)
+    assert abs(ppl / reference - 1) < 1e-5  # the same model and windows: only summation order differs
+
+
+# the bound llmkit's own int8 meets (tests/test_quantize.py, 3%); measured here: int8 +0.00%, q8 +0.02%, q4 +0.27%
+@pytest.mark.extended
+@pytest.mark.parametrize("quantize", ["int8", "q8", "q4"])
+def test_quantized_onnx_perplexity_and_size(trained, trained_fp32, tmp_path: Path, quantize: str) -> None:  # noqa: F811
+    model, tokenizer, held_out = trained
+    reference, fp32 = trained_fp32
+    out = export_onnx(model, tokenizer, tmp_path, quantize=quantize)
+    ppl = _perplexity(_onnx_logits(out), held_out, model.cfg.max_seq_len)
+    assert abs(ppl / reference - 1) <= 0.03, (quantize, ppl, reference)
+    assert (out / MODEL_FILE).stat().st_size < 0.6 * (fp32 / MODEL_FILE).stat().st_size  # embeddings stay fp32
