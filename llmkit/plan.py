@@ -487,14 +487,17 @@ def compute_optimal(flops: float) -> tuple[float, float]:
 # A fresh process doing what `llmkit train` does before its model has any size: the imports and one
 # step of a tiny model (thread pools, oneDNN's caches and the autograd engine start on the first step).
 _PROBE = """
-import resource, torch, lightning, llmkit.train, llmkit.commands.train
+import torch, lightning, llmkit.train, llmkit.commands.train
 from llmkit.model import ModelConfig, Transformer
 model = Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=16))
 idx = torch.zeros(2, 16, dtype=torch.long)
 model.loss(idx, idx).loss.backward()
 torch.optim.AdamW(model.parameters(), fused=True).step()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(int(hwm.split()[1]) * 1024)
 """
+# VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over fork and exec, so a probe started by a large
+# process (a notebook, a test session at 1.7 GB) would report its parent's peak; VmHWM belongs to the new image
 # GPU (not measured here: no GPU was lent): the caching allocator's max_memory_reserved above
 # max_memory_allocated (2 MiB segments, blocks it cannot split), and the CUDA context, which neither counts.
 GPU_ALLOCATOR_SLACK = 0.1
