@@ -189,8 +189,9 @@ def _load(port: int, seconds: float) -> None:
 
 @pytest.mark.extended
 def test_prometheus_scrapes_the_server_and_every_dashboard_query_returns_data(prometheus: str, container_server: int) -> None:
+    _wait_for_a_scrape(prometheus)
     _load(container_server, seconds=6)
-    time.sleep(2)  # the last scrapes after the load
+    time.sleep(3)  # the last scrapes after the load
     empty = []
     for expr in dashboard_exprs():
         query = expr.replace("$__rate_interval", RATE_WINDOW)
@@ -199,6 +200,18 @@ def test_prometheus_scrapes_the_server_and_every_dashboard_query_returns_data(pr
         values = [float(sample["value"][1]) for sample in body["data"]["result"]]
         if not values or all(v != v for v in values):  # no series, or only NaN (no observation in the window)
             empty.append(query)
-    assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
-    targets = httpx.get(f"{prometheus}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
-    assert [t["health"] for t in targets] == ["up"]
+    assert not empty, "dashboard queries without data:\n" + "\n".join(empty) + f"\ntargets: {_targets(prometheus)}"
+    assert [t["health"] for t in _targets(prometheus)] == ["up"]
+
+
+def _targets(prometheus: str) -> list[dict]:
+    return httpx.get(f"{prometheus}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
+
+
+def _wait_for_a_scrape(prometheus: str) -> None:
+    """Prometheus starts scraping within an interval of starting, but on a loaded machine that can take
+    seconds: wait (at most a minute) until the server has been scraped once."""
+    deadline = time.monotonic() + 60
+    while not [t for t in _targets(prometheus) if t["health"] == "up"]:
+        assert time.monotonic() < deadline, f"Prometheus never scraped the server: {_targets(prometheus)}"
+        time.sleep(0.5)
