@@ -22,6 +22,7 @@ import math
 import os
 import weakref
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -505,14 +506,20 @@ GPU_CONTEXT_BYTES = GIB // 2
 
 
 def machine_key() -> str:
-    """What the runtime's size depends on: Python, torch, Lightning, the CPU model and torch's threads."""
+    """What the runtime's size depends on: Python, torch, Lightning, the CPU model, torch's threads, and the
+    llmkit checkout imported (another checkout imports other sources; one without compiled bytecode, under
+    PYTHONDONTWRITEBYTECODE, compiles every module at each start: measured +68 MB here)."""
     import platform
+    import sys
     from importlib.metadata import version
+
+    import llmkit
 
     cpu = next((line.split(":", 1)[1].strip() for line in _lines("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
+    bytecode = "no bytecode written" if sys.dont_write_bytecode else "bytecode"
     return (f"python {platform.python_version()} torch {torch.__version__} lightning {version('lightning')} "
-            f"{cpu} threads {torch.get_num_threads()}")
+            f"{cpu} threads {torch.get_num_threads()} llmkit {Path(llmkit.__file__).parent} {bytecode}")
 
 
 def process_baseline() -> tuple[int, str]:
