@@ -264,7 +264,8 @@ def test_online_rl_learns_a_verifiable_task(base: Path, tmp_path: Path, task: st
 @pytest.mark.extended
 def test_sigkill_mid_grpo_then_resume_auto_gives_the_uninterrupted_weights(base: Path, tmp_path: Path) -> None:
     """num_iterations=2 and a checkpoint at step 3: the resumed run's first update reuses the rollout kept in
-    the checkpoint, and every later rollout samples what the uninterrupted run sampled."""
+    the checkpoint, and every later rollout samples what the uninterrupted run sampled. 12 steps: the kill
+    lands steps before the end (with 6, a quiet machine once finished the run between two polls)."""
     from tests.posttrain.test_posttrain_resume import PERIODIC, ROOT
 
     data = prompts_file(tmp_path / "p.jsonl")
@@ -273,7 +274,7 @@ def test_sigkill_mid_grpo_then_resume_auto_gives_the_uninterrupted_weights(base:
     def command(run: Path) -> list[str]:
         return [sys.executable, "-m", "llmkit", "train", f"hydra.run.dir={run}", f"init_from={base}", "data=prompts",
                 f"data.path={data}", *RUN, "task=grpo", *LEARN, "task.max_completion_length=3", "task.num_iterations=2",
-                "task.beta=0.04", "data.batch_size=3", "trainer.max_steps=6", "resume=auto",
+                "task.beta=0.04", "data.batch_size=3", "trainer.max_steps=12", "resume=auto",
                 *[o.replace("every_n_train_steps=10", "every_n_train_steps=3") for o in PERIODIC]]
 
     subprocess.run(command(tmp_path / "reference"), cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
@@ -292,7 +293,7 @@ def test_sigkill_mid_grpo_then_resume_auto_gives_the_uninterrupted_weights(base:
     assert "resume=auto: resuming from" in result.stderr + result.stdout
     a = torch.load(tmp_path / "reference" / "checkpoints" / "last.ckpt", weights_only=True)
     b = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert a["global_step"] == b["global_step"] == 6
+    assert a["global_step"] == b["global_step"] == 12
     for name, tensor in a["state_dict"].items():
         if name.startswith("model."):
             assert torch.equal(tensor, b["state_dict"][name]), name
