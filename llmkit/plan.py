@@ -529,7 +529,6 @@ def process_baseline() -> tuple[int, str]:
     import json
     import subprocess
     import sys
-    from pathlib import Path
 
     path = Path(os.environ.get("LLMKIT_CACHE", Path.home() / ".cache" / "llmkit")) / "process_baseline.json"
     key = machine_key()

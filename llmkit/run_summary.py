@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import resource
-import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -21,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from llmkit.lit.callbacks import ThroughputMonitor
 from llmkit.lit.downstream import last_values
 from llmkit.lit.module import LitLM
+from llmkit.provenance import git_commit
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 def failed_summary(cfg: DictConfig, error: BaseException) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "status": "failed", "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc(),
-        "choices": choices(), "git_commit": _git_commit(),
+        "choices": choices(), "git_commit": git_commit(),
     }
     try:
         summary["config"] = OmegaConf.to_container(cfg, resolve=True)
@@ -47,14 +47,6 @@ def finish_wandb(failed: bool) -> None:
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish(exit_code=1 if failed else 0)
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
 def log_run_info(trainer: L.Trainer, summary: dict[str, Any]) -> None:
@@ -92,7 +84,7 @@ def run_summary(cfg: DictConfig, trainer: L.Trainer, lit: LitLM, wall_s: float) 
         "last_checkpoint": checkpoint.last_model_path if checkpoint else None,
         **last_values(trainer),  # eval/<task>/<metric> of callbacks=downstream's last evaluation
         "choices": choices(),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
 

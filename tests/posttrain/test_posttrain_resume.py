@@ -29,6 +29,16 @@ def run_command(run: Path, base: Path, *overrides: str) -> list[str]:
     return [sys.executable, "-m", "llmkit", "train", f"hydra.run.dir={run}", f"init_from={base}", *COMMON, *overrides]
 
 
+def kill_when_written(proc: subprocess.Popen, checkpoint: Path, run: Path) -> None:
+    """SIGKILL the run as soon as `checkpoint` exists; it must still have been mid-run."""
+    deadline = time.time() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.exists() and not (run / "summary.json").exists(), "the kill must land mid-run"
+
+
 def killed_then_resumed(tmp_path: Path, base: Path, *overrides: str) -> None:
     env = {**os.environ, "LLMKIT_DATA_DIR": str(tmp_path / "cache")}
     subprocess.run(run_command(tmp_path / "reference", base, *overrides), cwd=ROOT, env=env, check=True,
@@ -37,12 +47,7 @@ def killed_then_resumed(tmp_path: Path, base: Path, *overrides: str) -> None:
     proc = subprocess.Popen(run_command(run, base, *overrides), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     checkpoint = run / "checkpoints" / "step-20.ckpt"
-    deadline = time.time() + 300
-    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert checkpoint.exists() and not (run / "summary.json").exists(), "the kill must land mid-run"
+    kill_when_written(proc, checkpoint, run)
     result = subprocess.run(run_command(run, base, *overrides), cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

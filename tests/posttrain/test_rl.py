@@ -6,10 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -266,7 +264,7 @@ def test_sigkill_mid_grpo_then_resume_auto_gives_the_uninterrupted_weights(base:
     """num_iterations=2 and a checkpoint at step 3: the resumed run's first update reuses the rollout kept in
     the checkpoint, and every later rollout samples what the uninterrupted run sampled. 12 steps: the kill
     lands steps before the end (with 6, a quiet machine once finished the run between two polls)."""
-    from tests.posttrain.test_posttrain_resume import PERIODIC, ROOT
+    from tests.posttrain.test_posttrain_resume import PERIODIC, ROOT, kill_when_written
 
     data = prompts_file(tmp_path / "p.jsonl")
     env = {**os.environ, "LLMKIT_DATA_DIR": str(tmp_path / "cache")}
@@ -281,12 +279,7 @@ def test_sigkill_mid_grpo_then_resume_auto_gives_the_uninterrupted_weights(base:
     run = tmp_path / "run"
     proc = subprocess.Popen(command(run), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = run / "checkpoints" / "step-3.ckpt"
-    deadline = time.time() + 300
-    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert checkpoint.exists() and not (run / "summary.json").exists(), "the kill must land mid-run"
+    kill_when_written(proc, checkpoint, run)
     assert torch.load(checkpoint, weights_only=True)["state_dict"]["objective._extra_state"]  # a kept rollout
     result = subprocess.run(command(run), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
