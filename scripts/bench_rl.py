@@ -14,9 +14,9 @@ temperature 1, one process, the threads torch has, no gradient clipping. Per ste
 over the steps after the first; each trainer runs --repeats times, alternated, and its fastest run is shown
 (the machines these run on are shared: the fastest run is the one least slowed by other load).
 
-Rollout tokens/s: llmkit's rollout sampler (llmkit/posttrain/rl.py: all rows in one batch through the
-KV-cache decoder) vs the serving engine (llmkit/serve/engine.py: every row submitted at once, max_batch
-= rows), the same prompts, max_tokens and sampling, no stop token, in the same process.
+Rollout tokens/s: llmkit's rollout sampler (llmkit/generation/groups.py: all rows in one batch through
+the KV-cache decoder, each prompt prefilled once) vs the serving engine (llmkit/serve/engine.py: every
+row submitted at once, max_batch = rows), the same prompts, max_tokens and sampling, no stop token, in the same process.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def run_trl(hf_dir: Path, prompts: list[str], args: argparse.Namespace, work: Pa
 def decode_speed(checkpoint: Path, prompts: list[str], args: argparse.Namespace) -> dict[str, float]:
     """Completion tokens/s: the rollout sampler vs the serving engine, on the same rows."""
     from llmkit.checkpoint import load_checkpoint
-    from llmkit.posttrain.rl import sample
+    from llmkit.generation.groups import sample_groups
     from llmkit.serve.engine import Engine, SamplingParams
 
     loaded = load_checkpoint(checkpoint)
@@ -159,8 +159,8 @@ def decode_speed(checkpoint: Path, prompts: list[str], args: argparse.Namespace)
     best = {"rollout": 0.0, "serve": 0.0}
     for _ in range(3):
         started = time.perf_counter()
-        completions, _ = sample(model, ids, args.generations, args.completion, temperature=1.0, top_p=None,
-                                stop_id=None, generator=torch.Generator().manual_seed(0))
+        completions, _ = sample_groups(model, ids, args.generations, args.completion, temperature=1.0,
+                                       generator=torch.Generator().manual_seed(0))
         best["rollout"] = max(best["rollout"], sum(map(len, completions)) / (time.perf_counter() - started))
         engine = Engine(model, tokenizer, max_batch=rows, max_queue=rows)
         done: list[int] = []

@@ -45,6 +45,16 @@ class KVCache:
         values[:, :, self.start : self.length] = v
         return keys[:, :, : self.length], values[:, :, : self.length]
 
+    def repeat_rows(self, times: int) -> None:
+        """Every row `times` times, consecutively (row i becomes rows [i * times, (i + 1) * times)): one
+        prefill of a prompt serves all the completions sampled from it."""
+        for store in (self.keys, self.values):
+            for layer, buffer in store.items():
+                store[layer] = buffer.repeat_interleave(times, dim=0)  # (B * times, Hkv, capacity, D)
+        if self.pos is not None and self.pos.dim() == 2:  # per-row positions (left-padded prompts)
+            self.pos = self.pos.repeat_interleave(times, dim=0)
+        self._ctx = None
+
     def context(self) -> PositionContext:
         """Mask and bias of this step's queries over every key (no rotary: keys are stored rotated).
         Built at the first layer's call, inside the model's forward, where FSDP has gathered the

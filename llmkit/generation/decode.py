@@ -105,6 +105,12 @@ class CachedDecoder:
         self.attention = cached_attention(self.model, self.cache)
         return self._forward(ids, positions, mask_positions)
 
+    def repeat_rows(self, times: int) -> None:
+        """After a prefill: each row becomes `times` consecutive rows that decode on independently."""
+        self.cache.repeat_rows(times)
+        if self.next_pos.dim() == 2:  # (B, 1) per-row positions
+            self.next_pos = self.next_pos.repeat_interleave(times, dim=0)
+
     def step(self, tokens: list[int]) -> Tensor:
         """tokens: the next token of each row -> (B, V) logits of the token after it."""
         ids = torch.tensor(tokens, device=_device(self.model))[:, None]  # (B, 1)

@@ -2,10 +2,12 @@
 policy, scores them (llmkit/posttrain/rewards.py), and updates on them (llmkit/posttrain/rl_losses.py).
 
 The rollout. A micro-batch's B prompts, each repeated num_generations (G) times, are ONE batch of
-N = B x G rows through llmkit's batched KV-cache decoder (llmkit/generation: the decoder the server
-and `llmkit generate` use), each row stopping at the template's end of turn (or EOS), or cut at
-max_completion_length (counted as truncated). The sampler's generator is seeded from (data seed,
-step, accumulation slot, rank), so a resumed run samples what the uninterrupted one did.
+N = B x G rows through llmkit's batched KV-cache decoder (llmkit/generation/groups.py over the decoder
+the server and `llmkit generate` use; each prompt prefilled once for its group), each row stopping at
+the template's end of turn (or EOS), or cut at max_completion_length (counted as truncated). Under
+FSDP every rank samples its own prompts with the sharded model, in lockstep with the other ranks.
+The sampler's generator is seeded from (data seed, step, accumulation slot, rank), so a resumed run
+samples what the uninterrupted one did.
 
 The update. One forward of the N rows [prompt, completion] (right-padded, so no mask is needed)
 gives the per-token log-probs of the completion tokens at temperature T (logits / T, as TRL). The
@@ -33,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llmkit.generation.sampling import stream
+from llmkit.generation.groups import sample_groups
 from llmkit.model import Transformer
 from llmkit.posttrain.objectives import ADAPTER_FINETUNES, OBJECTIVES, Objective, StepOutput, frozen_copy
 from llmkit.posttrain.packing import IGNORE
@@ -76,25 +78,6 @@ def rollout_generator(device: torch.device, seed: int, step: int, micro: int, ra
     """The sampler's random numbers, a function of where in the run they are drawn: resume is exact."""
     key = hashlib.sha256(f"{seed}:{step}:{micro}:{rank}".encode()).digest()
     return torch.Generator(device=device).manual_seed(int.from_bytes(key[:8], "big") >> 1)
-
-
-def sample(
-    model: Transformer, prompts: list[list[int]], num_generations: int, max_new_tokens: int, *, temperature: float,
-    top_p: float | None, stop_id: int | None, generator: torch.Generator,
-) -> tuple[list[list[int]], list[bool]]:
-    """Every prompt num_generations times, consecutively, in one batch: (completion ids ending with the stop
-    token when one came, truncated per row)."""
-    rows = [p for p in prompts for _ in range(num_generations)]  # (N,) groups of G consecutive rows
-    out: list[list[int]] = [[] for _ in rows]
-    stop_ids = () if stop_id is None else (stop_id,)
-    for step in stream(model, rows, max_new_tokens, temperature=temperature, top_p=top_p, stop_ids=stop_ids,
-                       generator=generator):
-        for completion, token in zip(out, step, strict=True):
-            if token is not None:
-                completion.append(token)
-    truncated = [len(c) >= max_new_tokens for c in out]  # a row that stopped earlier sampled its stop token
-    completions = [c if cut or stop_id is None else [*c, stop_id] for c, cut in zip(out, truncated, strict=True)]
-    return completions, truncated
 
 
 def layout(prompts: list[list[int]], completions: list[list[int]], num_generations: int, pad_id: int) -> tuple[Tensor, Tensor]:
@@ -212,8 +195,9 @@ class OnlineRL(Objective):
     def rollout(self, model: Transformer, batch: dict[str, Any]) -> tuple[Rollout, dict[str, Tensor]]:
         device = model.head.weight.device
         generator = rollout_generator(device, batch["seed"], batch["step"], batch["micro"], batch["rank"])
-        completions, truncated = sample(model, batch["prompt_tokens"], self.G, self.max_new, temperature=self.temperature,
-                                        top_p=self.top_p, stop_id=self.stop_id, generator=generator)
+        completions, truncated = sample_groups(model, batch["prompt_tokens"], self.G, self.max_new,
+                                               temperature=self.temperature, top_p=self.top_p, stop_id=self.stop_id,
+                                               generator=generator)
         ids, labels = layout(batch["prompt_tokens"], completions, self.G, self.pad_id)
         ids, labels = ids.to(device), labels.to(device)
         texts = [self.tokenizer.decode([t for t in c if t != self.stop_id]) for c in completions]

@@ -92,7 +92,7 @@ def test_the_rollout_is_one_batch_of_every_prompt_times_g_and_is_seeded(base: Pa
     monkeypatch.setattr(CachedDecoder, "prefill", lambda self, c: prefills.append(len(c)) or original(self, c))
     batch = prompt_batch(tokenizer)
     rollout, logs = obj.rollout(model, batch)
-    assert prefills == [12]  # 3 prompts x 4 generations, one prefill: one batch through the KV-cache decoder
+    assert prefills == [3]  # 3 prompts prefilled once, each for its 4 rows: one batch through the KV-cache decoder
     assert rollout.ids.shape[0] == 12 and rollout.rewards.shape == (12,)
     for row in range(12):  # groups are consecutive rows of the same prompt; labels are the completion tokens
         prompt = batch["prompt_tokens"][row // 4]

@@ -1,0 +1,75 @@
+"""Groups of samples: several completions of every prompt in one batch, as online RL's rollouts need.
+
+Each prompt is prefilled once and its cache repeated for its `num_samples` rows (the rows of a group
+are consecutive), so a group costs one prompt's prefill, not `num_samples`. All rows then decode in
+lockstep through the KV-cache decoder (llmkit/generation/decode.py), each stopping at its stop token
+or at max_new_tokens (truncated).
+
+Under FSDP every forward gathers the sharded parameters with collectives, so every rank must run the
+same number of decoding steps: a sharded model decodes until the rows of every rank have stopped
+(one all-reduce of a flag per step); an unsharded one stops as soon as its own rows have.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from llmkit.generation.decode import CachedDecoder
+from llmkit.generation.sampling import check_options, next_tokens
+from llmkit.model import Transformer
+
+
+def sample_groups(
+    model: Transformer, prompts: list[list[int]], num_samples: int, max_new_tokens: int, *, temperature: float = 1.0,
+    top_p: float | None = None, stop_id: int | None = None, generator: torch.Generator | None = None,
+) -> tuple[list[list[int]], list[bool]]:
+    """Every prompt num_samples times -> (completion ids of each of the N = prompts x num_samples rows,
+    ending with the stop token where one was sampled; whether each row was cut at max_new_tokens)."""
+    check_options(temperature, None, top_p)
+    longest = max(map(len, prompts), default=0)
+    if not prompts or not all(prompts) or longest + max_new_tokens > model.cfg.max_seq_len + 1:
+        raise ValueError(f"sample_groups needs non-empty prompts that leave max_new_tokens={max_new_tokens} of the "
+                         f"model's {model.cfg.max_seq_len} positions (the longest has {longest} tokens)")
+    decoder = CachedDecoder(model)
+    logits = decoder.prefill(prompts).repeat_interleave(num_samples, dim=0)  # (N, V)
+    decoder.repeat_rows(num_samples)
+    rows = len(prompts) * num_samples
+    tokens: list[Tensor] = []
+    stopped = torch.zeros(rows, dtype=torch.bool, device=logits.device)
+    lockstep = _sharded(model)
+    for step in range(max_new_tokens):
+        if step:
+            logits = decoder.step(tokens[-1].tolist())
+        tokens.append(next_tokens(logits, temperature, None, top_p, generator))
+        if stop_id is not None:
+            stopped |= tokens[-1] == stop_id
+        if _all_stopped(bool(stopped.all()), lockstep, logits.device):
+            break
+    return _completions(torch.stack(tokens, dim=1).tolist(), stop_id, max_new_tokens)  # (N, steps)
+
+
+def _completions(sampled: list[list[int]], stop_id: int | None, limit: int) -> tuple[list[list[int]], list[bool]]:
+    """Each row up to and including its first stop token; rows without one are cut at `limit` tokens."""
+    out, truncated = [], []
+    for row in sampled:
+        end = row.index(stop_id) + 1 if stop_id in row else min(len(row), limit)
+        out.append(row[:end])
+        truncated.append(stop_id not in row[:end])
+    return out, truncated
+
+
+def _sharded(model: Transformer) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule) and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_stopped(mine: bool, lockstep: bool, device: torch.device) -> bool:
+    """Whether decoding can end: this rank's rows have all stopped (and, in lockstep, every rank's)."""
+    if not lockstep:
+        return mine
+    flag = torch.tensor([0 if mine else 1], device=device)
+    dist.all_reduce(flag)  # the number of ranks with rows still going
+    return int(flag) == 0
