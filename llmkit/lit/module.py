@@ -24,6 +24,8 @@ from llmkit.posttrain.objectives import ADAPTER_FINETUNES as ADAPTED  # finetune
 from llmkit.posttrain.objectives import OBJECTIVES
 from llmkit.recompute import apply_activation_checkpointing
 
+CHECKPOINT_KEYS = ("monitor", "monitor_mode")  # task keys that conf/callbacks/default.yaml reads, not the objective
+
 
 class LitLM(L.LightningModule):
     def __init__(
@@ -35,6 +37,8 @@ class LitLM(L.LightningModule):
         self.save_hyperparameters()
         self.model: Transformer | None = None
         task = dict(task or {"name": "lm"})
+        for key in CHECKPOINT_KEYS:
+            task.pop(key, None)
         self.objective = OBJECTIVES.build(task.pop("name"), **task)
         self.val_metrics = torch.nn.ModuleDict({_key(n): MeanMetric() for n in self.objective.val_names})
         self.finetune = dict(finetune or {"name": "full"})
@@ -130,6 +134,7 @@ class LitLM(L.LightningModule):
                 self.log("val/ppl", value.exp(), prog_bar=True, sync_dist=False)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.objective.before_optimizer_step(self)  # first: the norm logged and clipped is of the final gradient
         if self._logging_step():
             self.log("train/lr", optimizer.param_groups[0]["lr"])
             if not self._clips_by_norm():  # otherwise clipping computes (and logs) the norm anyway

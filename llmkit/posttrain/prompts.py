@@ -7,6 +7,10 @@ it is), with the base model's tokenizer; a prompt that leaves fewer than max_com
 tokens of the model's context is dropped and counted (summary.json). Prepared once per (file,
 settings, tokenizer) into cache_dir, as the other post-training data (llmkit/posttrain/data.py).
 
+With data.val_fraction > 0, records are held out by the hash of their contents (as for SFT data) and
+every validation samples their completions as a rollout does (seeded by the validation batch, so
+each validation draws the same numbers) and logs val/reward and the completion lengths.
+
 Batches resume exactly and follow the rollouts: the micro-batch of optimizer step s, accumulation
 slot m, rank r holds prompt batch b = (s // repeat) * A + m, rows (b * W + r) * B + [0, B) of the
 seeded order (llmkit/posttrain/rows.py). `repeat` is the objective's num_iterations: a rollout is
@@ -20,11 +24,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from llmkit.data.streaming import EndlessBatchIndices
 from llmkit.jsonl import read_records
-from llmkit.posttrain.data import PostTrainDataModule
+from llmkit.posttrain.data import PostTrainDataModule, split_by_content
 from llmkit.posttrain.rows import RowBatches, is_prepared, save_rows
 from llmkit.text.chat import check_template, render_generation_prompt
 
@@ -41,7 +45,7 @@ class PromptDataModule(PostTrainDataModule):
 
     def settings(self) -> dict[str, Any]:
         return {"kind": self.kind, "template": self.template, "seq_len": self.seq_len,
-                "max_completion_length": self.max_completion_length, "version": 1}
+                "max_completion_length": self.max_completion_length, "val_fraction": self.val_fraction, "version": 2}
 
     @property
     def max_prompt_length(self) -> int:
@@ -56,29 +60,33 @@ class PromptDataModule(PostTrainDataModule):
             raise ValueError(f"max_completion_length={self.max_completion_length} leaves no room for a prompt in the "
                              f"model's context of {self.seq_len} tokens: lower it")
         records = read_records(self.path)
-        kept, prompts, too_long = [], [], 0
+        held_out = {id(r) for r in split_by_content([r for _, r in records], self.val_fraction)[1]}  # by content only
+        train_records = [(line, r) for line, r in records if id(r) not in held_out]
+        val_records = [(line, r) for line, r in records if id(r) in held_out]
+        (train, too_long), (val, val_too_long) = self.encode(train_records), self.encode(val_records)
+        if not train:
+            raise ValueError(f"{self.path}: no training prompt fits {self.max_prompt_length} tokens (the context "
+                             f"{self.seq_len} less max_completion_length {self.max_completion_length}); {too_long} "
+                             f"were too long{f', {len(val_records)} held out' if val_records else ''}")
+        splits = {"train": prompt_arrays(train), **({"val": prompt_arrays(val)} if val else {})}
+        manifest = {"fingerprint": self.fingerprint(), "source": str(self.path), "format": "prompts",
+                    "settings": self.settings(), "tokenizer_fingerprint": self.tokenizer.fingerprint,
+                    "counts": {"records": len(records), "prompts": len(train) + len(val),
+                               "dropped_too_long": too_long + val_too_long, "train_samples": len(train),
+                               "val_samples": len(val)},
+                    "splits": sorted(splits)}
+        save_rows(directory, splits, manifest)
+
+    def encode(self, records: list[tuple[int, dict[str, Any]]]) -> tuple[list[tuple[list[int], dict[str, Any]]], int]:
+        """(line, record) -> the (prompt ids, record) that leave room for a completion, and how many did not."""
+        kept, too_long = [], 0
         for line, record in records:
             ids = render_generation_prompt(_messages(record, line, self.path), self.tokenizer, self.template)
             if len(ids) > self.max_prompt_length or not ids:
                 too_long += 1
-                continue
-            kept.append(record)
-            prompts.append(ids)
-        if not kept:
-            raise ValueError(f"{self.path}: no prompt fits {self.max_prompt_length} tokens (the context {self.seq_len} "
-                             f"less max_completion_length {self.max_completion_length}); {too_long} were too long")
-        width = max(map(len, prompts))
-        ids = np.full((len(prompts), width), -1, dtype=np.int64)
-        for row, prompt in enumerate(prompts):
-            ids[row, : len(prompt)] = prompt
-        arrays = {"prompt_ids": ids, "prompt_len": np.array(list(map(len, prompts)), dtype=np.int64),
-                  "records": np.array([json.dumps(r) for r in kept])}
-        manifest = {"fingerprint": self.fingerprint(), "source": str(self.path), "format": "prompts",
-                    "settings": self.settings(), "tokenizer_fingerprint": self.tokenizer.fingerprint,
-                    "counts": {"records": len(records), "prompts": len(kept), "dropped_too_long": too_long,
-                               "train_samples": len(kept)},
-                    "splits": ["train"]}
-        save_rows(directory, {"train": arrays}, manifest)
+            else:
+                kept.append((ids, record))
+        return kept, too_long
 
     # ---- loaders ---------------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
@@ -91,8 +99,14 @@ class PromptDataModule(PostTrainDataModule):
         return DataLoader(batches, batch_size=None, sampler=EndlessBatchIndices(), num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 
-    def val_dataloader(self) -> list:
-        return []  # rewards are logged on the rollouts themselves
+    def val_dataloader(self) -> DataLoader | list:
+        self.setup()
+        if "val" not in self.splits:
+            return []  # the training rollouts' rewards are logged anyway
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        windows = PromptWindows(self.splits["val"], self.batch_size, rank, world, self.seed)
+        return DataLoader(windows, batch_size=None, shuffle=False)
 
     def samples_consumed(self) -> int:
         """Prompts taken by every rank together (each counted once however many updates reuse it)."""
@@ -125,12 +139,49 @@ class PromptBatches(RowBatches):
         batch = (step // self.repeat) * self.accumulate + micro  # the rollout's prompt batch
         first = (batch * self.world_size + self.rank) * self.batch_size
         rows = self.rows_of(np.arange(first, first + self.batch_size))
-        lengths = self.arrays["prompt_len"][rows]
-        records = [json.loads(str(s)) for s in self.arrays["records"][rows]]
-        return {"index": torch.from_numpy(rows.copy()),  # a tensor first: Lightning reads the batch size from it
-                "prompt_tokens": [self.arrays["prompt_ids"][r, :n].tolist() for r, n in zip(rows, lengths, strict=True)],
-                "prompts": [r.get("prompt", r.get("messages")) for r in records], "records": records,
-                "step": step, "micro": micro, "iteration": step % self.repeat, "seed": self.seed, "rank": self.rank}
+        return {**prompt_batch(self.arrays, rows), "step": step, "micro": micro, "iteration": step % self.repeat,
+                "seed": self.seed, "rank": self.rank}
+
+
+class PromptWindows(Dataset):
+    """Validation: every held-out prompt once, rank r taking rows r, r + W, ... in batches of B. Every rank
+    has the same number of batches (a sharded model's forwards are collectives): a rank short of rows
+    repeats its first one, marked not `counted`."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], batch_size: int, rank: int, world_size: int, seed: int) -> None:
+        rows = len(arrays["prompt_len"])
+        per_rank = -(-rows // world_size)
+        self.rows = [rank + world_size * j for j in range(per_rank)]
+        self.arrays, self.batch_size, self.rank, self.seed = arrays, batch_size, rank, seed
+        self.counted = [row < rows for row in self.rows]
+        self.rows = [row if row < rows else self.rows[0] % rows for row in self.rows]
+
+    def __len__(self) -> int:
+        return -(-len(self.rows) // self.batch_size)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        window = slice(i * self.batch_size, (i + 1) * self.batch_size)
+        return {**prompt_batch(self.arrays, np.array(self.rows[window])), "counted": self.counted[window],
+                "val_batch": i, "seed": self.seed, "rank": self.rank}
+
+
+def prompt_arrays(prompts: list[tuple[list[int], dict[str, Any]]]) -> dict[str, np.ndarray]:
+    """(prompt ids, record) pairs -> the split's arrays: ids right-padded with -1, lengths, records as JSON."""
+    width = max(len(ids) for ids, _ in prompts)
+    ids = np.full((len(prompts), width), -1, dtype=np.int64)
+    for row, (prompt, _) in enumerate(prompts):
+        ids[row, : len(prompt)] = prompt
+    return {"prompt_ids": ids, "prompt_len": np.array([len(p) for p, _ in prompts], dtype=np.int64),
+            "records": np.array([json.dumps(r) for _, r in prompts])}
+
+
+def prompt_batch(arrays: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, Any]:
+    """The rows' prompt ids, prompts (text or messages) and records, and their indices."""
+    lengths = arrays["prompt_len"][rows]
+    records = [json.loads(str(s)) for s in arrays["records"][rows]]
+    return {"index": torch.from_numpy(rows.copy()),  # a tensor first: Lightning reads the batch size from it
+            "prompt_tokens": [arrays["prompt_ids"][r, :n].tolist() for r, n in zip(rows, lengths, strict=True)],
+            "prompts": [r.get("prompt", r.get("messages")) for r in records], "records": records}
 
 
 def _messages(record: dict[str, Any], line: int, path: Any) -> list[dict[str, Any]]:

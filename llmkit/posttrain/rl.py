@@ -74,6 +74,17 @@ class Rollout:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
 
+@dataclass
+class Sampled:
+    """A batch's completions (N = prompts x G rows) and their rewards."""
+
+    completions: list[list[int]]
+    truncated: list[bool]
+    scored: Completions
+    rewards: Tensor  # (N,) float64, NaN where unscorable
+    unscorable: int
+
+
 def rollout_generator(device: torch.device, seed: int, step: int, micro: int, rank: int) -> torch.Generator:
     """The sampler's random numbers, a function of where in the run they are drawn: resume is exact."""
     key = hashlib.sha256(f"{seed}:{step}:{micro}:{rank}".encode()).digest()
@@ -108,22 +119,29 @@ def token_entropy(logits: Tensor, mask: Tensor, temperature: float = 1.0) -> Ten
     return entropy.mean() if entropy.numel() else entropy.new_zeros(())
 
 
+TABLE_COLUMNS = ("step", "prompt", "completion", "reward")
+
+
+def table_rows(step: int, batch: Completions, rewards: Tensor) -> list[list[Any]]:
+    """The rollout's (step, prompt, completion, reward) rows; a chat prompt as JSON."""
+    return [[step, prompt if isinstance(prompt, str) else json.dumps(prompt), text, value]
+            for prompt, text, value in zip(batch.prompts, batch.texts, rewards.tolist(), strict=True)]
+
+
 def write_table(path: Path, step: int, batch: Completions, rewards: Tensor) -> None:
     """Append the rollout's completions and rewards to a csv (step, prompt, completion, reward)."""
     new = not path.exists()
     with path.open("a", newline="") as f:
         writer = csv.writer(f)
         if new:
-            writer.writerow(["step", "prompt", "completion", "reward"])
-        for prompt, text, value in zip(batch.prompts, batch.texts, rewards.tolist(), strict=True):
-            writer.writerow([step, prompt if isinstance(prompt, str) else json.dumps(prompt), text, value])
+            writer.writerow(TABLE_COLUMNS)
+        writer.writerows(table_rows(step, batch, rewards))
 
 
 class OnlineRL(Objective):
     """What GRPO and RLOO share: the rollout, the reference, the logs. Subclasses give the advantages
     and the loss."""
 
-    val_names = ()
     min_generations = 2  # a group to compare each completion with
     sequence_kl = True  # kl_in=reward: the completion's summed KL comes off its reward (PPO: per token instead)
     default_kl_in = "loss"
@@ -157,6 +175,8 @@ class OnlineRL(Objective):
         self.beta, self.epsilon, self.epsilon_high, self.num_iterations = beta, epsilon, epsilon_high, num_iterations
         self.reference, self.log_completions = reference, log_completions
         self._table: Path | None = None  # completions.csv in the run directory (rank 0)
+        self._wandb: Any = None  # and a wandb Table, when the run logs to wandb
+        self.val_names = ("reward", f"rewards/{self.reward.name}", "completions/mean_length", "completions/truncated")
         self._frozen: list[Transformer] = []  # a reference copy, outside the module tree (not trained or saved)
         self._use_lora_reference = False
         self._rollouts: dict[int, Rollout] = {}  # accumulation slot -> the rollout its updates reuse
@@ -165,6 +185,7 @@ class OnlineRL(Objective):
         self.pad_id = 0
         self._last_call: float | None = None
         self._last_rollout_s = 0.0
+        self._scale = 1.0  # this step's accumulation x world size (a loss that sums over the step undoes it)
 
     # ---- construction --------------------------------------------------------------------------------
     def attach(self, model: Transformer, init_from: str | None, finetune: str) -> None:
@@ -189,25 +210,25 @@ class OnlineRL(Objective):
         self.pad_id = next((i for i in (self.tokenizer.pad_id, self.tokenizer.eos_id) if i is not None), 0)
         self.reward.bind(self.tokenizer, lit.device)
         if self.log_completions and lit.trainer.is_global_zero:
+            from lightning.pytorch.loggers import WandbLogger
+
             self._table = Path(lit.trainer.default_root_dir) / "completions.csv"
+            self._wandb = next((lg for lg in lit.loggers if isinstance(lg, WandbLogger)), None)
 
     # ---- the rollout ---------------------------------------------------------------------------------
     def rollout(self, model: Transformer, batch: dict[str, Any]) -> tuple[Rollout, dict[str, Tensor]]:
         device = model.head.weight.device
         generator = rollout_generator(device, batch["seed"], batch["step"], batch["micro"], batch["rank"])
-        completions, truncated = sample_groups(model, batch["prompt_tokens"], self.G, self.max_new,
-                                               temperature=self.temperature, top_p=self.top_p, stop_id=self.stop_id,
-                                               generator=generator)
-        ids, labels = layout(batch["prompt_tokens"], completions, self.G, self.pad_id)
+        sampled = self.sample_and_score(model, batch, generator)
+        raw = sampled.rewards
+        ids, labels = layout(batch["prompt_tokens"], sampled.completions, self.G, self.pad_id)
         ids, labels = ids.to(device), labels.to(device)
-        texts = [self.tokenizer.decode([t for t in c if t != self.stop_id]) for c in completions]
-        repeat = [i for i in range(len(batch["records"])) for _ in range(self.G)]
-        scored = Completions([batch["prompts"][i] for i in repeat], texts, completions,
-                             [batch["records"][i] for i in repeat], [batch["prompt_tokens"][i] for i in repeat])
-        raw, unscorable = score(self.reward, scored)
         rollout = Rollout(ids, labels, raw.clone(), raw.new_zeros(len(raw)))
         if self._table is not None and batch["step"] % self.log_completions == 0:
-            write_table(self._table, batch["step"], scored, raw)
+            write_table(self._table, batch["step"], sampled.scored, raw)
+            if self._wandb is not None:
+                self._wandb.log_table("completions", columns=list(TABLE_COLUMNS),
+                                      data=table_rows(batch["step"], sampled.scored, raw), step=batch["step"])
         logs: dict[str, Tensor] = {}
         if self.beta != 0:
             with torch.no_grad():
@@ -218,17 +239,47 @@ class OnlineRL(Objective):
                     rollout.rewards = raw - self.beta * kl.double().cpu()
                     logs["kl"] = kl.sum() / rollout.mask.sum().clamp(min=1)  # per token, as in the loss
         logs.update(self.finish(model, rollout))
-        lengths = torch.tensor([float(len(c)) for c in completions])
+        lengths = torch.tensor([float(len(c)) for c in sampled.completions])
         finite = raw[~torch.isnan(raw)]
         logs.update({
             "reward": finite.mean() if finite.numel() else raw.new_tensor(float("nan")),
             "reward_std": finite.std() if finite.numel() > 1 else raw.new_zeros(()),
             f"rewards/{self.reward.name}": finite.mean() if finite.numel() else raw.new_tensor(float("nan")),
-            "unscorable": torch.tensor(float(unscorable)),
+            "unscorable": torch.tensor(float(sampled.unscorable)),
             "completions/mean_length": lengths.mean(), "completions/max_length": lengths.max(),
-            "completions/truncated": torch.tensor(sum(truncated) / len(truncated)),
+            "completions/truncated": torch.tensor(sum(sampled.truncated) / len(sampled.truncated)),
         })
         return rollout, {k: v.float() for k, v in logs.items()}
+
+    def sample_and_score(self, model: Transformer, batch: dict[str, Any], generator: torch.Generator) -> Sampled:
+        """The batch's prompts num_generations times each, sampled and scored (NaN: unscorable)."""
+        completions, truncated = sample_groups(model, batch["prompt_tokens"], self.G, self.max_new,
+                                               temperature=self.temperature, top_p=self.top_p, stop_id=self.stop_id,
+                                               generator=generator)
+        texts = [self.tokenizer.decode([t for t in c if t != self.stop_id]) for c in completions]
+        repeat = [i for i in range(len(batch["records"])) for _ in range(self.G)]
+        scored = Completions([batch["prompts"][i] for i in repeat], texts, completions,
+                             [batch["records"][i] for i in repeat], [batch["prompt_tokens"][i] for i in repeat])
+        rewards, unscorable = score(self.reward, scored)
+        return Sampled(completions, truncated, scored, rewards, unscorable)
+
+    def validation(self, model: Transformer, batch: dict[str, Any]) -> dict[str, tuple[Tensor, Tensor]]:
+        """Held-out prompts sampled as a rollout samples them (the same draws at every validation): the mean
+        reward over the scorable completions, and the completions' lengths."""
+        generator = rollout_generator(model.head.weight.device, batch["seed"], -1 - batch["val_batch"], 0, batch["rank"])
+        sampled = self.sample_and_score(model, batch, generator)
+        counted = torch.tensor([c for c in batch["counted"] for _ in range(self.G)])  # (N,): not a repeated row
+        scorable = counted & ~torch.isnan(sampled.rewards)
+        reward = (sampled.rewards[scorable].sum().float(), scorable.sum())
+        lengths = torch.tensor([float(len(c)) for c in sampled.completions])
+        truncated = torch.tensor(sampled.truncated, dtype=torch.float32)
+        return {"reward": reward, f"rewards/{self.reward.name}": reward,
+                "completions/mean_length": (lengths[counted].sum(), counted.sum()),
+                "completions/truncated": (truncated[counted].sum(), counted.sum())}
+
+    @staticmethod
+    def device_of(module: torch.nn.Module) -> torch.device:
+        return next(module.parameters()).device
 
     def _reference_logps(self, model: Transformer, ids: Tensor, labels: Tensor) -> Tensor:
         if self._use_lora_reference:
@@ -257,6 +308,7 @@ class OnlineRL(Objective):
     # ---- the step ------------------------------------------------------------------------------------
     def training_loss(self, model: Transformer, batch: dict[str, Any], scale: float) -> StepOutput:
         started = time.perf_counter()
+        self._scale = scale
         logs: dict[str, Tensor] = {}
         if self._last_call is not None:  # the previous step's forward, backward and optimizer step
             logs["time/update_s"] = torch.tensor(started - self._last_call - self._last_rollout_s)
@@ -297,6 +349,7 @@ class GRPO(OnlineRL):
         GRPO_LOSSES.get(loss_type)
         group_advantages(torch.zeros(2), 2, scale_rewards)  # an unknown scale fails at construction
         self.loss_type, self.scale_rewards = loss_type, scale_rewards
+        self._step_tokens = 0.0  # dapo: completion tokens of this rank's micro-batches since the last step
 
     def advantages(self, rewards: Tensor) -> Tensor:
         return group_advantages(rewards, self.G, self.scale_rewards).float()
@@ -304,10 +357,36 @@ class GRPO(OnlineRL):
     def loss(self, logps: Tensor, old_logps: Tensor, rollout: Rollout, hidden: Tensor | None = None
              ) -> tuple[Tensor, dict[str, Tensor]]:
         in_loss = self.beta if self.kl_in == "loss" else 0.0
-        return grpo_loss(logps, old_logps, rollout.advantages, rollout.mask, epsilon=self.epsilon,
-                         epsilon_high=self.epsilon_high, loss_type=self.loss_type, beta=in_loss,
-                         ref_logps=rollout.ref_logps, kl_estimator=self.kl_estimator,
-                         max_completion_length=self.max_new)
+        # dapo divides by the tokens of the whole step (every micro-batch and rank, as TRL's num_items_in_batch),
+        # known only after the step's last rollout: the micro-batch's sum over a fixed unit goes backward here,
+        # and before_optimizer_step turns unit into the step's tokens
+        num_items = torch.tensor(self._dapo_unit, device=logps.device) if self.loss_type == "dapo" else None
+        loss, metrics = grpo_loss(logps, old_logps, rollout.advantages, rollout.mask, epsilon=self.epsilon,
+                                  epsilon_high=self.epsilon_high, loss_type=self.loss_type, beta=in_loss,
+                                  ref_logps=rollout.ref_logps, kl_estimator=self.kl_estimator,
+                                  max_completion_length=self.max_new, num_items=num_items)
+        if num_items is None:
+            return loss, metrics
+        tokens = float(rollout.mask.sum())
+        self._step_tokens += tokens
+        metrics["loss"] = loss.detach() * self._dapo_unit / max(tokens, 1.0)  # this micro-batch's own dapo value
+        return loss * self._scale, metrics  # Lightning and DDP divide by accumulation x world: undone
+
+    @property
+    def _dapo_unit(self) -> float:
+        return float(self.G * self.max_new)  # any constant, the same on every micro-batch and rank
+
+    def before_optimizer_step(self, module: torch.nn.Module) -> None:
+        if not self._step_tokens:
+            return
+        total = torch.tensor(self._step_tokens, dtype=torch.float64, device=self.device_of(module))
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(total)
+        factor = self._dapo_unit / max(float(total), 1.0)
+        for p in module.parameters():
+            if p.grad is not None:
+                p.grad.mul_(factor)
+        self._step_tokens = 0.0
 
 
 @OBJECTIVES.register("rloo")

@@ -125,6 +125,38 @@ def test_the_first_update_of_a_rollout_has_ratio_one_and_later_ones_use_its_log_
     assert "reward" not in second.logs  # no new rollout
 
 
+def test_dapo_divides_by_the_completion_tokens_of_the_whole_step(base: Path) -> None:
+    """Two accumulation slots (scale 2; Lightning halves each loss): the step's gradient is TRL's dapo over both
+    rollouts together, the sum of their token losses over all their tokens, not the mean of two slot means."""
+    from llmkit.posttrain.rl_losses import grpo_loss
+
+    obj, model, tokenizer = objective(base=base, num_iterations=2)  # kept rollouts, to recompute the loss below
+    obj.reward = Counting()
+    for micro in (0, 1):
+        batch = {**prompt_batch(tokenizer), "micro": micro, "seed": 10}  # a seed whose slots differ in length
+        (obj.training_loss(model, batch, scale=2.0).loss / 2).backward()
+    obj.before_optimizer_step(model)
+    got = [p.grad.clone() for p in model.parameters()]
+    rollouts = [obj._rollouts[0], obj._rollouts[1]]
+    counts = [float(r.mask.sum()) for r in rollouts]
+    assert counts[0] != counts[1]  # otherwise the mean of slot means would be the same thing
+
+    def gradients(normaliser) -> list[torch.Tensor]:
+        model.zero_grad()
+        for r, count in zip(rollouts, counts, strict=True):
+            logps = token_logprobs(model(r.ids), r.labels)
+            loss, _ = grpo_loss(logps, r.old_logps, r.advantages, r.mask, loss_type="dapo",
+                                num_items=torch.tensor(normaliser(count)))
+            loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    want = gradients(lambda count: sum(counts))
+    slot_means = gradients(lambda count: 2 * count)
+    for g, w in zip(got, want, strict=True):  # fp32 sums in another order: ~1e-7 relative
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+    assert any(not torch.allclose(w, s, rtol=1e-3) for w, s in zip(want, slot_means, strict=True))
+
+
 def test_beta_zero_builds_no_reference_and_the_lora_reference_is_the_base(base: Path) -> None:
     from llmkit.adapters.lora import LoraConfig, apply_lora
 
@@ -221,6 +253,50 @@ def test_llmkit_train_grpo_logs_the_rollout_and_counts_dropped_prompts(base: Pat
     assert {r["prompt"] for r in table} == {"1=", "2=", "3="} and {r["reward"] for r in table} <= {"0.0", "1.0"}
     counts = json.loads((run / "summary.json").read_text())["data"]["counts"]
     assert counts["dropped_too_long"] == 1 and counts["prompts"] == 12
+
+
+def test_validation_scores_held_out_prompts_and_counts_each_once(base: Path) -> None:
+    from llmkit.posttrain.prompts import PromptWindows, prompt_arrays
+
+    arrays = prompt_arrays([([1 + i, 10], {"prompt": str(i)}) for i in range(5)])
+    ranks = [PromptWindows(arrays, 2, rank, 2, seed=7) for rank in (0, 1)]
+    assert [len(w) for w in ranks] == [2, 2]  # 3 rows each (rank 1 repeats one): the same batches on every rank
+    seen = [(p, c) for w in ranks for i in range(len(w)) for p, c in zip(w[i]["prompts"], w[i]["counted"], strict=True)]
+    assert sorted(p for p, c in seen if c) == ["0", "1", "2", "3", "4"] and sum(not c for _, c in seen) == 1
+    obj, model, tokenizer = objective(base=base, num_generations=2)
+    obj.reward = Counting()  # completion i scores i
+    batch = {**prompt_batch(tokenizer), "counted": [True, False, True], "val_batch": 0}
+    got = obj.validation(model, batch)
+    total, count = got["reward"]
+    assert (float(total), int(count)) == (0 + 1 + 4 + 5, 4)  # rows of prompts 0 and 2, not of the repeated one
+    assert int(got["completions/mean_length"][1]) == 4
+    again = obj.validation(model, batch)  # every validation draws the same numbers
+    assert torch.equal(again["completions/mean_length"][0], got["completions/mean_length"][0])
+
+
+def test_held_out_prompts_log_val_rewards_and_completions_reach_a_wandb_table(base: Path, tmp_path: Path,
+                                                                               monkeypatch) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)  # offline: llmkit's wandb config without a key
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    records = [{"prompt": f"{d}=", "answer": a, "id": i} for i in range(8) for d, a in ANSWERS.items()]
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    run = train(tmp_path / "run", base, data, "task=grpo", "data.val_fraction=0.25", "logger=[csv,wandb]",
+                "task.log_completions=1", "task.num_generations=2", "task.max_completion_length=2", "data.batch_size=3",
+                "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.num_sanity_val_steps=0")
+    counts = json.loads((run / "summary.json").read_text())["data"]["counts"]
+    assert counts["val_samples"] > 0 and counts["train_samples"] + counts["val_samples"] == 24
+    logged = metrics(run)
+    assert len(logged["val/reward"]) == 1 and 0 <= logged["val/reward"][0] <= 1
+    assert logged["val/rewards/exact_match:answer"] == logged["val/reward"]
+    assert (run / "checkpoints" / "best-2.ckpt").exists()  # the checkpoint callback monitors val/reward
+    assert 1 <= logged["val/completions/mean_length"][0] <= 2
+    tables = sorted(run.glob("wandb/offline-run-*/files/media/table/completions_*.table.json"))
+    assert len(tables) == 2  # one per step
+    table = json.loads(tables[-1].read_text())
+    assert table["columns"] == ["step", "prompt", "completion", "reward"] and len(table["data"]) == 3 * 2
+    csv_rows = [r for r in csv.DictReader((run / "completions.csv").open()) if r["step"] == "1"]
+    assert [[r["prompt"], r["completion"]] for r in csv_rows] == [row[1:3] for row in table["data"]]
 
 
 @pytest.mark.extended
