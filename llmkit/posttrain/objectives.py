@@ -69,6 +69,10 @@ class Objective(nn.Module):
         """scale = accumulation x world size: Lightning and DDP divide the loss by it again."""
         raise NotImplementedError
 
+    def before_optimizer_step(self, module: nn.Module) -> None:
+        """Called once a step's gradients are summed over its micro-batches and ranks, before clipping: a
+        normaliser known only then (online RL's tokens of the whole step) is applied here."""
+
     def validation(self, model: Transformer, batch: Any) -> dict[str, tuple[Tensor, Tensor]]:
         raise NotImplementedError
 
