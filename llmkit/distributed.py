@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from llmkit.checkpoint_files import replace_directory
@@ -37,6 +38,7 @@ def mixed_precision_policy(precision: str | None):
 
 
 RESHARD_POLICIES = ("default", "always", "never")
+FORWARD_METHODS = ("features", "logits_and_features")  # Transformer methods that run the model besides forward
 
 
 def check_reshard_policy(value: str) -> None:
@@ -70,7 +72,7 @@ def apply_fsdp(
     4 blocks per unit cut FSDP2's extra forward+backward host time by a quarter at 32 small blocks),
     so a model of many small blocks can leave the GPU waiting on the host. Larger units hold more
     gathered parameters at once. Parameter names, and so checkpoints, do not change."""
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     check_reshard_policy(reshard_after_forward)
     check_blocks_per_unit(blocks_per_unit)
@@ -82,6 +84,21 @@ def apply_fsdp(
         reshard = reshard_after_forward == "always" or (reshard_after_forward == "default" and i < len(units) - 1)
         fully_shard(unit if len(unit) > 1 else unit[0], mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward != "never")
+    for method in FORWARD_METHODS:  # called instead of forward (reward and value heads): gather the root too
+        register_fsdp_forward_method(model, method)
+
+
+def shard_heads(objective: nn.Module, device_mesh: DeviceMesh, precision: str | None = None) -> None:
+    """The objective's own layers (a reward model's score head, PPO's value head) sharded as the model is:
+    Lightning's FSDP strategy does not wrap the LightningModule, so without this their gradients would
+    never be reduced across ranks (each rank's head would drift its own way), and gradient clipping would
+    meet plain tensors beside the model's sharded ones."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = device_mesh["data_parallel"] if device_mesh.mesh_dim_names else device_mesh
+    for head in objective.children():
+        if any(p.requires_grad for p in head.parameters()):
+            fully_shard(head, mesh=mesh, mp_policy=mixed_precision_policy(precision))
 
 
 def apply_compile(model: Transformer) -> None:

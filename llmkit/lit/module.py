@@ -16,7 +16,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 
-from llmkit.distributed import apply_compile, apply_fsdp
+from llmkit.distributed import apply_compile, apply_fsdp, shard_heads
 from llmkit.lit.optim import OPTIMIZERS, SCHEDULES
 from llmkit.model import ModelConfig, Transformer
 from llmkit.posttrain import rl, rl_ppo  # noqa: F401  (register the online RL objectives grpo, rloo, ppo)
@@ -71,6 +71,7 @@ class LitLM(L.LightningModule):
         if self.device_mesh is not None:
             options = getattr(self.trainer.strategy, "fsdp_options", {})  # FSDP2Strategy's; Lightning's has none
             apply_fsdp(self.model, self.device_mesh, self.trainer.precision, **options)
+            shard_heads(self.objective, self.device_mesh, self.trainer.precision)
 
     def _base(self, init_from: str) -> Transformer:
         """The base model's weights; its tokenizer must be the one the data is encoded with."""

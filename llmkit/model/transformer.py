@@ -82,11 +82,23 @@ class Transformer(nn.Module):
         given (generation passes later positions; see llmkit/generation). segments: (B, T) document
         index of each token when rows pack several documents, whose positions then restart at 0:
         a token attends only to earlier tokens of its own document."""
-        return self.head(self.features(idx, positions, segments))
+        return self.head(self._features(idx, positions, segments))
+
+    # forward, features and logits_and_features each run the model once; under FSDP each is hooked to gather
+    # the root's parameters (llmkit/distributed.py FORWARD_METHODS), so none calls another (a nested hook
+    # would free them on its way out), all share _features
+    def logits_and_features(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, T) ids -> (logits (B, T, V), final hidden states (B, T, C)) from one pass: a value head reads
+        the states beside the policy's logits (llmkit/posttrain/rl_ppo.py)."""
+        hidden = self._features(idx)
+        return self.head(hidden), hidden
 
     def features(self, idx: Tensor, positions: Tensor | None = None, segments: Tensor | None = None) -> Tensor:
         """The final (normed) hidden states (B, T, C) that the head reads; a reward model's scalar
         head reads them too (llmkit/posttrain/objectives.py)."""
+        return self._features(idx, positions, segments)
+
+    def _features(self, idx: Tensor, positions: Tensor | None = None, segments: Tensor | None = None) -> Tensor:
         T = idx.size(1)
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")

@@ -56,8 +56,7 @@ class PPO(OnlineRL):
         return self.value_head(hidden).squeeze(-1).float()
 
     def policy_forward(self, model: Transformer, ids: Tensor) -> tuple[Tensor, Tensor | None]:
-        hidden = model.features(ids)  # (N, T, C)
-        return model.head(hidden), hidden
+        return model.logits_and_features(ids)  # (N, T, V), (N, T, C): one call, so FSDP gathers the root for both
 
     def finish(self, model: Transformer, rollout: Rollout) -> dict[str, Tensor]:
         mask, logs = rollout.mask, {}

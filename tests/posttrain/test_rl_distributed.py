@@ -1,5 +1,6 @@
-"""Online RL on two CPU processes (gloo): GRPO under FSDP2 (every rank samples its own prompts with the sharded
-model, the ranks decoding in lockstep) takes the steps DDP takes."""
+"""Online RL on two CPU processes (gloo): GRPO and PPO under FSDP2 (every rank samples its own prompts with the
+sharded model, the ranks decoding in lockstep; PPO's value head reads the hidden states through a hooked
+method and is sharded too, so its gradient is reduced across ranks) take the steps DDP takes."""
 
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ from tests.posttrain.test_rl import RUN, char_base, prompts_file
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def grpo(run: Path, base: Path, data: Path, trainer: str) -> dict[str, list[float]]:
+def online_rl(run: Path, base: Path, data: Path, task: str, trainer: str) -> dict[str, list[float]]:
     env = {**os.environ, "LLMKIT_DATA_DIR": str(run.parent / "cache")}
     cmd = [sys.executable, "-m", "llmkit", "train", f"hydra.run.dir={run}", f"init_from={base}", "data=prompts",
-           f"data.path={data}", *RUN, "task=grpo", "task.num_generations=4", "task.max_completion_length=3",
+           f"data.path={data}", *RUN, f"task={task}", "task.num_generations=4", "task.max_completion_length=3",
            "task.beta=0.04", "data.batch_size=3", "optim.lr=1e-2", "scheduler=constant", f"trainer={trainer}",
            "trainer.max_steps=4", "trainer.val_check_interval=4"]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -29,15 +30,16 @@ def grpo(run: Path, base: Path, data: Path, trainer: str) -> dict[str, list[floa
 
 
 @pytest.mark.extended
-def test_grpo_under_fsdp_on_two_processes_takes_the_steps_ddp_takes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("task", ["grpo", "ppo"])
+def test_online_rl_under_fsdp_on_two_processes_takes_the_steps_ddp_takes(tmp_path: Path, task: str) -> None:
     base = char_base(tmp_path / "base.ckpt")
     data = prompts_file(tmp_path / "p.jsonl")  # 12 prompts: 3 per rank and step
-    ddp = grpo(tmp_path / "ddp", base, data, "ddp_cpu")
-    fsdp = grpo(tmp_path / "fsdp", base, data, "fsdp_cpu")
+    ddp = online_rl(tmp_path / "ddp", base, data, task, "ddp_cpu")
+    fsdp = online_rl(tmp_path / "fsdp", base, data, task, "fsdp_cpu")
     assert len(ddp["train/reward"]) == len(fsdp["train/reward"]) == 4
     # the same weights sample the same completions (the sampler's seed is (data seed, step, slot, rank)), so the
     # rewards are equal; the losses and KL differ only by the order of FSDP's sharded sums (fp32: ~1e-7 relative,
     # compounded over 4 steps at lr 1e-2: 1e-4 still fails a wrong normaliser or a rank that sampled other prompts)
     assert fsdp["train/reward"] == ddp["train/reward"]
-    for key in ("train/loss", "train/kl", "train/completions/mean_length"):
+    for key in ("train/loss", "train/kl", "train/completions/mean_length", *(("train/value_loss",) if task == "ppo" else ())):
         assert fsdp[key] == pytest.approx(ddp[key], rel=1e-4, abs=1e-6), key
