@@ -228,6 +228,8 @@ class RewardModel(PairObjective):
         w = model.head.weight
         self.head = nn.Linear(model.cfg.d_model, 1, bias=False, device=w.device, dtype=w.dtype)
         nn.init.zeros_(self.head.weight)
+        if w is not model.tok_emb.weight:  # an untied LM head is never read here: frozen (DDP refuses unused ones)
+            model.head.requires_grad_(False)
 
     def scores(self, model: Transformer, ids: Tensor, labels: Tensor) -> Tensor:
         hidden = model.features(ids)  # (2B, T, C)
