@@ -13,6 +13,11 @@ under a dispatch mode that follows every storage from the op that makes it to it
 (traced_peak), which gives the highest point of weights, optimizer states, gradients, the forward's
 tensors and the backward's working set; with_runtime adds the process itself (measured once per machine
 kind), the loader and the allocator's slack (CPU_HEAP_SLACK, GPU_ALLOCATOR_SLACK).
+
+Post-training (llmkit/plan_adapters.py): the planned model carries the run's LoRA / QLoRA adapters, so
+gradients and optimizer states are the adapters' and a QLoRA base is its codes and scales, with the weight
+each matmul dequantizes traced; a run with init_from may peak while loading its base instead, and DPO's
+reference copy is held beside the policy.
 """
 
 from __future__ import annotations
@@ -31,6 +36,17 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from llmkit.model import ModelConfig, Transformer
+from llmkit.plan_adapters import (
+    apply_finetune,
+    base_file_bytes,
+    describe_finetune,
+    finetune_options,
+    lighter_runs,
+    load_peak,
+    quantized_bytes,
+    quantized_tensors,
+    reference_copy_bytes,
+)
 
 # Chinchilla Approach 3 (Hoffmann et al. 2022, eq. 10): L(N, D) = E + A / N^alpha + B / D^beta
 CHINCHILLA = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
@@ -53,6 +69,9 @@ class Setup:
     accumulate: int = 1
     optimizer: str = "fused"  # AdamW's implementation: fused | foreach | single (torch's for-loop)
     clip_grad: bool = False  # gradient clipping by the global norm before the step
+    finetune: dict[str, Any] = field(default_factory=lambda: {"name": "full"})  # full | lora | qlora and options
+    base_bytes: int = 0  # what loading init_from reads into memory (0: no base to load; plan_adapters.load_peak)
+    reference_copy: bool = False  # DPO's task.reference=copy: a frozen copy of the base beside the policy
 
 
 @dataclass
@@ -68,7 +87,9 @@ class Plan:
     tokens_per_step: int
     setup: dict[str, Any] = field(default_factory=dict)
     peak: dict[str, int] = field(default_factory=dict)  # the process's highest point per rank, by part
-    peak_phase: str = ""  # where in the step it happens: forward | backward | optimizer
+    peak_phase: str = ""  # where in the step it happens: forward | backward | optimizer (| load: the base's)
+    trainable_params: int = 0  # what gradients and AdamW states exist for (the adapters under lora / qlora)
+    quantized_bytes: int = 0  # qlora: the frozen base's codes and scales (in memory["weights"])
 
     @property
     def total_memory(self) -> int:
@@ -94,16 +115,35 @@ def meta_model(cfg: ModelConfig) -> Transformer:
         return Transformer(cfg)
 
 
+def run_model(setup: Setup) -> Transformer:
+    """The meta model as the run trains it: with its finetune's adapters and quantized base (plan_adapters)."""
+    model = meta_model(setup.model)
+    apply_finetune(model, setup.finetune)
+    return model
+
+
 def component_params(model: Transformer) -> dict[str, int]:
-    """Parameters per component, each tensor once (a tied head is the embedding)."""
+    """Parameters per component in model order, each tensor once (a tied head is the embedding); a
+    quantized Linear's weights (buffers: `quantized_params`) count in its component, LoRA's adapters apart."""
+    seen: set[int] = set()
+    counts = []
+    for prefix, module in model.named_modules():
+        for name, p in module.named_parameters(prefix=prefix, recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                counts.append((name, p.numel()))
+        if hasattr(module, "quantized_params"):
+            counts.append((f"{prefix}.weight", module.quantized_params()))
     groups: dict[str, int] = {}
-    for name, p in model.named_parameters():  # named_parameters yields a shared tensor once
-        groups[_component(name)] = groups.get(_component(name), 0) + p.numel()
+    for name, count in counts:
+        groups[_component(name)] = groups.get(_component(name), 0) + count
     return groups
 
 
 def _component(name: str) -> str:
     parts = name.split(".")
+    if parts[-1] in ("lora_A", "lora_B"):
+        return "lora adapters"
     if parts[0] == "blocks":
         part = parts[2]
         if part == "ffn" and "experts" in parts:
@@ -144,7 +184,8 @@ def state_bytes(model: Transformer, setup: Setup) -> dict[str, int]:
     elements = sum(_shard_numel(p, ranks) for p in model.parameters())
     trainable = sum(_shard_numel(p, ranks) for p in model.parameters() if p.requires_grad)
     tensors = sum(1 for p in model.parameters() if p.requires_grad)
-    states = {"weights": elements * size, "gradients": trainable * size, "optimizer": 2 * trainable * size + 4 * tensors}
+    states = {"weights": elements * size + quantized_bytes(model),  # qlora: the base's codes and scales beside
+              "gradients": trainable * size, "optimizer": 2 * trainable * size + 4 * tensors}
     if setup.sharded and ranks > 1:  # a block's full parameters while it computes, and the next one's prefetched
         largest = max((sum(p.numel() for p in block.parameters()) for block in model.blocks), default=0)
         states["fsdp_gathered"] = 2 * largest * size
@@ -205,11 +246,12 @@ def _fused_sdpa():
 
 
 def step_model(setup: Setup) -> Transformer:
-    """The run's model on the meta device, in the dtype its activations take (under mixed precision
-    autocast keeps matmul activations in 16 bits), with the run's activation checkpointing."""
+    """The run's model on the meta device (adapters applied as the run applies them), in the dtype its
+    activations take (under mixed precision autocast keeps matmul activations in 16 bits; a quantized base
+    dequantizes into it), with the run's activation checkpointing."""
     from llmkit.recompute import apply_activation_checkpointing
 
-    model = meta_model(setup.model).train()
+    model = run_model(setup).train()
     if setup.precision in ("bf16-true", "bf16", "bf16-mixed"):
         model = model.to(torch.bfloat16)
     elif setup.precision in ("16-true", "16", "16-mixed"):
@@ -369,7 +411,7 @@ def traced_peak(setup: Setup, keeps_scores: bool) -> tuple[dict[str, int], str, 
         optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
                               "exp_avg_sq": torch.zeros_like(p)}
     tracker = LiveTensors()
-    for p in model.parameters():
+    for p in [*model.parameters(), *quantized_tensors(model)]:
         tracker.track(p, "weights")
     for state in optimizer.state.values():
         for t in state.values():
@@ -418,15 +460,22 @@ def parameter_counts(cfg: ModelConfig) -> tuple[dict[str, int], int, int]:
 def make_plan(setup: Setup, saved_activations: bool = True) -> Plan:
     """The plan of a run; without `saved_activations` (what fitting_changes needs: the peak alone) the
     separate trace of the tensors autograd saves is skipped and memory["activations"] is 0."""
-    model = meta_model(setup.model)
+    model = run_model(setup)
     cfg = setup.model
     keeps_scores = kernel_keeps_scores(model, setup.accelerator)
     memory = state_bytes(model, setup)
     memory["activations"], scores = activation_bytes(setup, keeps_scores) if saved_activations else (0, 0)
     traced, phase, churn = traced_peak(setup, keeps_scores)
-    peak = peak_tensors(traced, memory)
+    peak = peak_tensors(traced, memory, quantized_bytes(model))
     if setup.accelerator == "cpu":  # what glibc keeps resident beyond the live tensors (see CPU_HEAP_SLACK)
         peak["allocator"] = round(CPU_HEAP_SLACK * churn)
+    if setup.reference_copy:  # its forward's transients (no_grad) are not traced
+        reference = reference_copy_bytes(meta_model(cfg), model, setup.finetune, param_bytes(setup.precision))
+        memory["reference"] = peak["reference"] = reference
+    if setup.base_bytes:  # loading init_from can be the higher point (a frozen or quantized base)
+        loading = load_peak(meta_model(cfg), setup.base_bytes)
+        if sum(loading.values()) > sum(peak.values()):
+            peak, phase = loading, "load"
     flops = model.flops_per_token(setup.seq_len)  # what MFU counts: the window's keys only
     return Plan(
         params=component_params(model),
@@ -441,18 +490,22 @@ def make_plan(setup: Setup, saved_activations: bool = True) -> Plan:
         setup={k: v for k, v in asdict(setup).items() if k != "model"},
         peak=peak,
         peak_phase=phase,
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        quantized_bytes=quantized_bytes(model),
     )
 
 
-def peak_tensors(traced: dict[str, int], memory: dict[str, int]) -> dict[str, int]:
+def peak_tensors(traced: dict[str, int], memory: dict[str, int], quantized: int = 0) -> dict[str, int]:
     """The traced peak with the states as the run holds them: the trace runs unsharded, in the dtype of
     the activations, so weights come from `memory` (fp32 masters, FSDP shards and gathered blocks), and
-    the gradients and optimizer states alive at the peak are scaled by the same ratio."""
+    the gradients and optimizer states alive at the peak are scaled by the same ratio. `quantized`: bytes of
+    a QLoRA base's codes and scales, in both weights and neither cast nor sharded."""
     peak = {"weights": memory["weights"] + memory.get("fsdp_gathered", 0)}
+    params = traced.get("weights", 0) - quantized
     if memory["weights"] != traced.get("weights", 0) and not memory.get("fsdp_gathered"):
         # mixed precision: autocast's 16-bit copies of the weights, which the backward keeps (the trace's)
-        peak["weights"] += traced.get("weights", 0)
-    state = memory["weights"] / max(1, traced.get("weights", 0))  # the shard and dtype ratio of the states
+        peak["weights"] += params
+    state = (memory["weights"] - quantized) / max(1, params)  # the shard and dtype ratio of the states
     for part in ("gradients", "optimizer"):
         if traced.get(part):
             peak[part] = round(traced[part] * state)
@@ -588,7 +641,8 @@ def setup_from_config(cfg: Any) -> Setup:
         model = OmegaConf.to_container(cfg.model, resolve=True)
     if model.get("vocab_size") is None:  # taken from the tokenizer when the data is prepared
         model["vocab_size"] = 256 if cfg.data.get("tokenizer") == "char" else int(cfg.data.vocab_size)
-    pairs = cfg.get("task", {}).get("name") in ("dpo", "reward")  # a chosen and a rejected row per sample
+    task = cfg.get("task", {})
+    pairs = task.get("name") in ("dpo", "reward")  # a chosen and a rejected row per sample
     trainer = cfg.trainer
     strategy = trainer.get("strategy")
     target = strategy.get("_target_", "") if OmegaConf.is_dict(strategy) else str(strategy)
@@ -606,6 +660,9 @@ def setup_from_config(cfg: Any) -> Setup:
         accumulate=int(trainer.get("accumulate_grad_batches", 1)),
         optimizer=_adamw_kind(cfg.get("optim", {}).get("fused"), trainer.get("accelerator")),
         clip_grad=bool(trainer.get("gradient_clip_val")),
+        finetune=finetune_options(cfg),
+        base_bytes=base_file_bytes(cfg.get("init_from")),
+        reference_copy=task.get("name") == "dpo" and task.get("reference", "copy") == "copy",
     )
 
 
@@ -660,6 +717,7 @@ def fitting_changes(setup: Setup, limit: int, margin: float = 0.0, runtime: int 
     if setup.ranks > 1 and not setup.sharded:
         kinds.insert(2, [(f"an fsdp trainer (weights, gradients and optimizer sharded over {setup.ranks} ranks)",
                           replace(setup, sharded=True))])
+    kinds += [[change] for change in lighter_runs(setup)]
     fits = []
     for kind in kinds:
         for text, candidate in kind:
@@ -678,6 +736,7 @@ def describe(plan: Plan, setup: Setup) -> str:
     cfg = setup.model
     lines = [f"parameters: {plan.total_params:,} total, {plan.active_params:,} active per token"]
     lines += [f"  {name:<14} {count:>15,}" for name, count in plan.params.items()]
+    lines.append(describe_finetune(setup.finetune, plan.trainable_params, plan.total_params, plan.quantized_bytes))
     lines.append(f"FLOPs per token (training, 6N + attention): {plan.flops_per_token:.4g}"
                  + (f"; the kernel executes {plan.executed_flops_per_token:.4g} (a masked window computes every score)"
                     if plan.executed_flops_per_token != plan.flops_per_token else ""))
@@ -693,7 +752,8 @@ def describe(plan: Plan, setup: Setup) -> str:
         lines.append(f"  {name:<14} {_gib(size):>12}{note}")
     lines.append(f"  {'total':<14} {_gib(plan.total_memory):>12}  (the tensors a step holds)")
     if plan.peak:
-        lines.append(f"peak of the process per rank (in the {plan.peak_phase} pass; the pre-flight's figure):")
+        where = "while loading the base" if plan.peak_phase == "load" else f"in the {plan.peak_phase} pass"
+        lines.append(f"peak of the process per rank ({where}; the pre-flight's figure):")
         lines += [f"  {name:<14} {_gib(size):>12}  {PEAK_PARTS.get(name, '')}" for name, size in plan.peak.items()]
         lines.append(f"  {'peak':<14} {_gib(plan.peak_memory):>12}")
     kv = kv_cache_bytes(cfg, cfg.max_seq_len, 1, param_bytes(setup.precision))
@@ -702,7 +762,9 @@ def describe(plan: Plan, setup: Setup) -> str:
 
 
 PEAK_PARTS = {
-    "weights": "fsdp: the shard and two gathered blocks; mixed precision: and autocast's 16-bit copies",
+    "weights": "fsdp: the shard and two gathered blocks; mixed precision: and autocast's 16-bit copies; qlora: codes and scales",
+    "checkpoint": "loading: the base checkpoint file's tensors, beside the full-precision model built for them",
+    "reference": "DPO's reference=copy: a frozen copy of the base (qlora: of the quantized base)",
     "gradients": "alive at the peak",
     "optimizer": "AdamW's states and step temporaries alive at the peak",
     "activations": "made by the forward and still alive: saved tensors, logits, (B, H, T, T) scores",

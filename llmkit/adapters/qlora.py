@@ -33,8 +33,8 @@ a run needs from them is the memory layout, which this file has:
   first turns every quantized Linear back into a plain one holding its dequantized weight
   (`dequantize_model`): the merged model is the dequantized base plus scale * B @ A, which is the function
   the adapters were trained with.
-- Not parameters: `model.num_params()` and what reads it (flops_per_token, hence the logged MFU, and the
-  run summary's parameter count) leave the quantized weights out during a QLoRA run.
+- Not parameters, but still weights: `model.num_params()` adds each quantized Linear's out x in
+  (`quantized_params`), so flops_per_token, the logged MFU and the run summary count the whole model.
 """
 
 from __future__ import annotations
@@ -200,9 +200,20 @@ class _Quantized:
     def quantized_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.quantized_tensors().values())
 
+    def quantized_params(self) -> int:
+        """The weights the codes stand for: buffers, not parameters, but each one a multiply-add per token
+        (Transformer.num_params counts them, so flops_per_token and MFU do)."""
+        return self.out_features * self.in_features
+
     def _base_forward(self, x: Tensor) -> Tensor:
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        return _QuantLinearFn.apply(x.to(dtype), self)
+        return _QuantLinearFn.apply(x.to(_compute_dtype(x)), self)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The autocast dtype when autocast is on for x's device, else x's. Meta tensors (llmkit plan traces a step
+    on them) have no autocast state to ask."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if kind != "meta" and torch.is_autocast_enabled(kind) else x.dtype
 
 
 class _QuantLinearFn(torch.autograd.Function):

@@ -133,7 +133,10 @@ class Transformer(nn.Module):
         return metrics
 
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Parameters, plus the weights a layer keeps as buffers and still multiplies by (`quantized_params`:
+        QLoRA's frozen base Linears, llmkit/adapters/qlora.py), so FLOPs and MFU count the model they run."""
+        stored = sum(m.quantized_params() for m in self.modules() if hasattr(m, "quantized_params"))
+        return sum(p.numel() for p in self.parameters()) + stored
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token: 6 per weight used in a matmul (forward + backward) plus the

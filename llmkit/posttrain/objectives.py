@@ -39,9 +39,15 @@ ADAPTER_FINETUNES = ("lora", "qlora")
 
 
 def frozen_copy(model: Transformer) -> Transformer:
-    """A reference model: a copy kept outside the module tree (not trained, not saved in checkpoints)."""
+    """A reference model: a copy kept outside the module tree (not trained, not saved in checkpoints). Of an
+    adapted model, the copy computes its base: its adapters (a few tensors) are switched off for good, and a
+    QLoRA base stays quantized (its codes and scales are copied: a fraction of the full-precision weights)."""
+    from llmkit.adapters.lora import lora_layers
+
     reference = copy.deepcopy(model).eval()
     reference.requires_grad_(False)
+    for _, layer in lora_layers(reference):
+        layer.lora_enabled = False
     return reference
 
 
@@ -165,6 +171,7 @@ class DirectPreference(PairObjective):
         self.beta, self.kind, self.label_smoothing, self.reference = beta, loss, label_smoothing, reference
         self.average = loss == "ipo"  # IPO regresses per-token log-ratios (as Azar et al. and TRL do); DPO sums
         self._frozen: list[Transformer] = []  # the reference copy, outside the module tree (not trained or saved)
+        self._copy_at_fit_start = False  # finetune=qlora: the copy is taken once the base is quantized
         self.init_from: str | None = None
 
     def attach(self, model: Transformer, init_from: str | None, finetune: str) -> None:
@@ -173,10 +180,15 @@ class DirectPreference(PairObjective):
         if self.reference == "precomputed" and init_from is None:
             raise ValueError("task.reference=precomputed computes the reference with the base model: give init_from=")
         self.init_from = init_from
-        if self.reference == "copy":
+        # QLoRA: copied once the base is quantized (at fit start), so the reference is the quantized base the
+        # policy starts from, at its size; a copy now would be the full-precision base the run exists to avoid
+        self._copy_at_fit_start = self.reference == "copy" and finetune == "qlora"
+        if self.reference == "copy" and not self._copy_at_fit_start:
             self._frozen = [frozen_copy(model)]
 
     def on_fit_start(self, lit: Any) -> None:
+        if self._copy_at_fit_start and not self._frozen:
+            self._frozen = [frozen_copy(lit.model)]
         if self._frozen:
             self._frozen[0].to(lit.device)
         if self.reference == "precomputed":
