@@ -75,13 +75,16 @@ def _device(model: Transformer) -> torch.device:
 
 class CachedDecoder:
     """`prefill` runs every prompt in one forward (left-padded to the longest), filling a new cache;
-    each `step` then runs one token per row at the next position of its row."""
+    each `step` then runs one token per row at the next position of its row, `extend` several.
 
-    def __init__(self, model: Transformer) -> None:
+    with_grad=True: the model's forward as it is (its mode, gradients kept, through the cache too):
+    a training forward that runs a shared prompt once (llmkit/posttrain/grouped.py)."""
+
+    def __init__(self, model: Transformer, with_grad: bool = False) -> None:
         windows = {block.attention.window for block in model.blocks}
         if len(windows) > 1:
             raise NotImplementedError(f"layers with different attention windows {windows} need one cache each")
-        self.model, self.window = model, windows.pop()
+        self.model, self.window, self.with_grad = model, windows.pop(), with_grad
         self.next_pos = torch.empty(0)
 
     def prefill(self, contexts: list[list[int]]) -> Tensor:
@@ -117,9 +120,15 @@ class CachedDecoder:
         positions, self.next_pos = self.next_pos, self.next_pos + 1  # (1,) or (B, 1)
         return self._forward(ids, positions, positions)
 
-    def _forward(self, ids: Tensor, positions: Tensor, mask_positions: Tensor) -> Tensor:
+    def extend(self, ids: Tensor) -> Tensor:
+        """ids: (B, C) the next C tokens of every row -> (B, C, V) float logits of the token after each."""
+        positions = self.next_pos + torch.arange(ids.size(1), device=ids.device)  # (C,) or (B, C)
+        self.next_pos = positions[..., -1:] + 1
+        return self._forward(ids, positions, positions, last_only=False)
+
+    def _forward(self, ids: Tensor, positions: Tensor, mask_positions: Tensor, last_only: bool = True) -> Tensor:
         self.cache.begin(mask_positions)
-        return forward_cached(self.model, self.attention, ids, positions)
+        return forward_cached(self.model, self.attention, ids, positions, last_only, self.with_grad)
 
 
 def cached_attention(model: Transformer, cache: KVCache) -> list[CachedAttention]:
@@ -127,17 +136,22 @@ def cached_attention(model: Transformer, cache: KVCache) -> list[CachedAttention
     return [CachedAttention(block.attention, cache, i) for i, block in enumerate(model.blocks)]
 
 
-def forward_cached(model: Transformer, attention: list[CachedAttention], ids: Tensor, positions: Tensor) -> Tensor:
-    """(B, T) ids at positions -> (B, V) float logits of each row's last token, with every block's
-    attention swapped for its cached stand-in for this one call (the cache's `begin` comes first).
-    llmkit/serve's engine drives its own batch cache through this too."""
+def forward_cached(
+    model: Transformer, attention: list[CachedAttention], ids: Tensor, positions: Tensor, last_only: bool = True,
+    with_grad: bool = False,
+) -> Tensor:
+    """(B, T) ids at positions -> (B, V) float logits of each row's last token (last_only=False: (B, T, V)),
+    with every block's attention swapped for its cached stand-in for this one call (the cache's `begin`
+    comes first); in eval mode without gradients unless with_grad. llmkit/serve's engine drives its own
+    batch cache through this too."""
     blocks = model.blocks
     originals = [block.attention for block in blocks]
     try:
         for block, cached in zip(blocks, attention, strict=True):
             block.attention = cached
-        with inference(model):
-            return model(ids, positions=positions)[:, -1].float()
+        with nullcontext() if with_grad else inference(model):
+            logits = model(ids, positions=positions)  # (B, T, V)
+            return (logits[:, -1] if last_only else logits).float()
     finally:
         for block, original in zip(blocks, originals, strict=True):
             block.attention = original

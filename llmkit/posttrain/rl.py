@@ -37,6 +37,7 @@ from torch import Tensor
 
 from llmkit.generation.groups import sample_groups
 from llmkit.model import Transformer
+from llmkit.posttrain.grouped import policy_logits
 from llmkit.posttrain.objectives import ADAPTER_FINETUNES, OBJECTIVES, Objective, StepOutput, frozen_copy
 from llmkit.posttrain.packing import IGNORE
 from llmkit.posttrain.rewards import REWARDS, Completions, score
@@ -179,6 +180,7 @@ class OnlineRL(Objective):
         self.val_names = ("reward", f"rewards/{self.reward.name}", "completions/mean_length", "completions/truncated")
         self._frozen: list[Transformer] = []  # a reference copy, outside the module tree (not trained or saved)
         self._use_lora_reference = False
+        self._copy_at_fit_start = False
         self._rollouts: dict[int, Rollout] = {}  # accumulation slot -> the rollout its updates reuse
         self.tokenizer: Any = None
         self.stop_id: int | None = None
@@ -196,14 +198,23 @@ class OnlineRL(Objective):
         if kind == "lora" and not adapters:
             raise ValueError("task.reference=lora uses the base with its adapters switched off: it needs finetune=lora")
         self._use_lora_reference = kind == "lora"
-        if kind == "copy":
+        # QLoRA: copied once the base is quantized (at fit start), a copy of the quantized base, not of the
+        # full-precision one the run exists to avoid holding
+        self._copy_at_fit_start = kind == "copy" and finetune == "qlora"
+        if kind == "copy" and not self._copy_at_fit_start:
             self._frozen = [frozen_copy(model)]
+
+    def place_reference(self, model: Transformer, device: torch.device) -> None:
+        """The reference copy on the run's device (under QLoRA, copied now: the base is quantized by now)."""
+        if self._copy_at_fit_start and not self._frozen:
+            self._frozen = [frozen_copy(model)]
+        if self._frozen:
+            self._frozen[0].to(device)
 
     def on_fit_start(self, lit: Any) -> None:
         from llmkit.text.chat import end_of_turn_id
 
-        if self._frozen:
-            self._frozen[0].to(lit.device)
+        self.place_reference(lit.model, lit.device)
         datamodule = lit.trainer.datamodule
         self.tokenizer = datamodule.tokenizer
         self.stop_id = end_of_turn_id(self.tokenizer, datamodule.template)
@@ -234,7 +245,7 @@ class OnlineRL(Objective):
             with torch.no_grad():
                 rollout.ref_logps = self._reference_logps(model, ids, labels)
                 if self.kl_in == "reward" and self.sequence_kl:  # the sampling policy's log-probs, as TRL's RLOO
-                    old = token_logprobs(model(ids), labels, self.temperature)
+                    old = token_logprobs(self.logits(model, ids, labels), labels, self.temperature)
                     kl = sequence_kl(old, rollout.ref_logps, rollout.mask, self.kl_estimator)  # (N,)
                     rollout.rewards = raw - self.beta * kl.double().cpu()
                     logs["kl"] = kl.sum() / rollout.mask.sum().clamp(min=1)  # per token, as in the loss
@@ -286,8 +297,8 @@ class OnlineRL(Objective):
             from llmkit.adapters.lora import lora_disabled
 
             with lora_disabled(model):
-                return token_logprobs(model(ids), labels, self.temperature)
-        return token_logprobs(self._frozen[0](ids), labels, self.temperature)
+                return token_logprobs(self.logits(model, ids, labels), labels, self.temperature)
+        return token_logprobs(self.logits(self._frozen[0], ids, labels), labels, self.temperature)
 
     def finish(self, model: Transformer, rollout: Rollout) -> dict[str, Tensor]:
         """The rollout's advantages, from its rewards; returns what it logs."""
@@ -297,9 +308,14 @@ class OnlineRL(Objective):
     def advantages(self, rewards: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def policy_forward(self, model: Transformer, ids: Tensor) -> tuple[Tensor, Tensor | None]:
+    def logits(self, model: Transformer, ids: Tensor, labels: Tensor) -> Tensor:
+        """(N, T, V) logits where the labels score them, each prompt run once for its group
+        (llmkit/posttrain/grouped.py): the policy's and the reference's alike."""
+        return policy_logits(model, ids, labels, self.G)
+
+    def policy_forward(self, model: Transformer, rollout: Rollout) -> tuple[Tensor, Tensor | None]:
         """(N, T, V) logits of the update, and what else the loss reads (PPO: the hidden states)."""
-        return model(ids), None
+        return self.logits(model, rollout.ids, rollout.labels), None
 
     def loss(self, logps: Tensor, old_logps: Tensor, rollout: Rollout, hidden: Tensor | None = None
              ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -321,7 +337,7 @@ class OnlineRL(Objective):
             logs["time/rollout_s"] = torch.tensor(self._last_rollout_s)
         else:
             self._last_rollout_s = 0.0
-        logits, hidden = self.policy_forward(model, rollout.ids)  # (N, T, V)
+        logits, hidden = self.policy_forward(model, rollout)  # (N, T, V)
         logps = token_logprobs(logits, rollout.labels, self.temperature)
         if rollout.old_logps is None:  # the rollout's first update: the policy has not moved since it sampled
             rollout.old_logps = logps.detach()

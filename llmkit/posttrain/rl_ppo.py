@@ -55,13 +55,16 @@ class PPO(OnlineRL):
         sample labels[t] (tokens 0..t seen), the alignment of the per-token log-probs and rewards."""
         return self.value_head(hidden).squeeze(-1).float()
 
-    def policy_forward(self, model: Transformer, ids: Tensor) -> tuple[Tensor, Tensor | None]:
-        return model.logits_and_features(ids)  # (N, T, V), (N, T, C): one call, so FSDP gathers the root for both
+    def logits(self, model: Transformer, ids: Tensor, labels: Tensor) -> Tensor:
+        return model(ids)  # the plain forward, as policy_forward's (whose hidden states the value head reads)
+
+    def policy_forward(self, model: Transformer, rollout: Rollout) -> tuple[Tensor, Tensor | None]:
+        return model.logits_and_features(rollout.ids)  # (N, T, V), (N, T, C): one call, so FSDP gathers the root for both
 
     def finish(self, model: Transformer, rollout: Rollout) -> dict[str, Tensor]:
         mask, logs = rollout.mask, {}
         with torch.no_grad():
-            logits, hidden = self.policy_forward(model, rollout.ids)
+            logits, hidden = self.policy_forward(model, rollout)
             old = token_logprobs(logits, rollout.labels, self.temperature)
             values = self.values(hidden) * mask
         rewards = torch.zeros_like(values)  # (N, T)

@@ -84,6 +84,19 @@ def test_dpo_copies_a_qlora_reference_after_quantization_and_others_at_attach() 
         assert resident_bytes(other._frozen[0]) == resident_bytes(base)
 
 
+def test_online_rl_copies_a_qlora_reference_after_quantization() -> None:
+    from llmkit.posttrain.rl import GRPO
+
+    base, _, _ = _models()
+    grpo = GRPO(num_generations=2, beta=0.1, reference="copy")
+    model = copy.deepcopy(base)
+    grpo.attach(model, None, "qlora")
+    assert grpo._frozen == []
+    apply_qlora(model, ADAPTERS, QuantConfig())
+    grpo.place_reference(model, torch.device("cpu"))  # at fit start
+    assert resident_bytes(grpo._frozen[0]) == resident_bytes(model) < resident_bytes(base)
+
+
 def test_a_qlora_dpo_run_with_a_copied_reference_starts_at_ln2(tiny_checkpoint: Path, tmp_path: Path) -> None:
     # at the first step the policy is its quantized base (B == 0), so a reference that is that base gives every
     # pair a log-ratio of exactly 0 and the sigmoid loss ln 2; a full-precision copy would differ from the
