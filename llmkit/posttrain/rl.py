@@ -152,7 +152,7 @@ class OnlineRL(Objective):
         self, reward: dict[str, Any] | None = None, num_generations: int = 8, max_completion_length: int = 64,
         temperature: float = 1.0, top_p: float = 1.0, beta: float = 0.0, kl_estimator: str | None = None,
         kl_in: str | None = None, epsilon: float = 0.2, epsilon_high: float | None = None, num_iterations: int = 1,
-        reference: str = "auto", log_completions: int = 0,
+        reference: str = "auto", log_completions: int = 0, shared_prompts: bool = True,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -175,6 +175,7 @@ class OnlineRL(Objective):
         self.G, self.max_new, self.temperature, self.top_p = num_generations, max_completion_length, temperature, top_p
         self.beta, self.epsilon, self.epsilon_high, self.num_iterations = beta, epsilon, epsilon_high, num_iterations
         self.reference, self.log_completions = reference, log_completions
+        self.shared_prompts = shared_prompts  # the update runs each prompt once for its group (grouped.py)
         self._table: Path | None = None  # completions.csv in the run directory (rank 0)
         self._wandb: Any = None  # and a wandb Table, when the run logs to wandb
         self.val_names = ("reward", f"rewards/{self.reward.name}", "completions/mean_length", "completions/truncated")
@@ -311,7 +312,7 @@ class OnlineRL(Objective):
     def logits(self, model: Transformer, ids: Tensor, labels: Tensor) -> Tensor:
         """(N, T, V) logits where the labels score them, each prompt run once for its group
         (llmkit/posttrain/grouped.py): the policy's and the reference's alike."""
-        return policy_logits(model, ids, labels, self.G)
+        return policy_logits(model, ids, labels, self.G if self.shared_prompts else 1)
 
     def policy_forward(self, model: Transformer, rollout: Rollout) -> tuple[Tensor, Tensor | None]:
         """(N, T, V) logits of the update, and what else the loss reads (PPO: the hidden states)."""

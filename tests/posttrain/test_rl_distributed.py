@@ -23,6 +23,7 @@ def online_rl(run: Path, base: Path, data: Path, task: str, trainer: str) -> dic
     cmd = [sys.executable, "-m", "llmkit", "train", f"hydra.run.dir={run}", f"init_from={base}", "data=prompts",
            f"data.path={data}", *RUN, f"task={task}", "task.num_generations=4", "task.max_completion_length=3",
            "task.beta=0.04", "data.batch_size=3", "optim.lr=1e-2", "scheduler=constant", f"trainer={trainer}",
+           *(["task.shared_prompts=false"] if task != "ppo" else []),  # FSDP runs every row whole: so does DDP here
            "trainer.max_steps=4", "trainer.val_check_interval=4"]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
