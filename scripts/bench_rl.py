@@ -3,7 +3,7 @@ side in one process on the same model, prompts, group size, completion length an
 decode speed against `llmkit serve`'s engine on the same rows.
 
   python scripts/bench_rl.py [--prompts 4] [--generations 8] [--completion 32] [--steps 6] [--model tiny]
-                             [--repeats 2]
+                             [--repeats 2] [--threads N]
 
 The model is random (speed does not depend on the weights) with a one-character-per-token vocabulary, so
 that llmkit's tokenizer and the Hugging Face one built for TRL give the same ids; TRL trains the model
@@ -182,7 +182,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each trainer, alternated; the fastest is shown")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for both trainers (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # reward.fn=bench_rl:reward
     prompts = prompt_texts(args.prompts)
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from llmkit.generation.decode import CachedDecoder
+from llmkit.generation.decode import CachedDecoder, inference
 from llmkit.generation.sampling import check_options, next_tokens
 from llmkit.model import Transformer
 
@@ -32,21 +32,21 @@ def sample_groups(
     if not prompts or not all(prompts) or longest + max_new_tokens > model.cfg.max_seq_len + 1:
         raise ValueError(f"sample_groups needs non-empty prompts that leave max_new_tokens={max_new_tokens} of the "
                          f"model's {model.cfg.max_seq_len} positions (the longest has {longest} tokens)")
-    decoder = CachedDecoder(model)
-    logits = decoder.prefill(prompts).repeat_interleave(num_samples, dim=0)  # (N, V)
-    decoder.repeat_rows(num_samples)
-    rows = len(prompts) * num_samples
-    tokens: list[Tensor] = []
-    stopped = torch.zeros(rows, dtype=torch.bool, device=logits.device)
-    lockstep = _sharded(model)
-    for step in range(max_new_tokens):
-        if step:
-            logits = decoder.step(tokens[-1].tolist())
-        tokens.append(next_tokens(logits, temperature, None, top_p, generator))
-        if stop_id is not None:
-            stopped |= tokens[-1] == stop_id
-        if _all_stopped(bool(stopped.all()), lockstep, logits.device):
-            break
+    with inference(model):  # once for every step: switching a training model's mode walks all its modules
+        decoder = CachedDecoder(model)
+        logits = decoder.prefill(prompts).repeat_interleave(num_samples, dim=0)  # (N, V)
+        decoder.repeat_rows(num_samples)
+        tokens: list[Tensor] = []
+        stopped = torch.zeros(logits.size(0), dtype=torch.bool, device=logits.device)
+        lockstep = _sharded(model)
+        for step in range(max_new_tokens):
+            if step:
+                logits = decoder.step(tokens[-1].tolist())
+            tokens.append(next_tokens(logits, temperature, None, top_p, generator))
+            if stop_id is not None:
+                stopped |= tokens[-1] == stop_id
+            if _all_stopped(bool(stopped.all()), lockstep, logits.device):
+                break
     return _completions(torch.stack(tokens, dim=1).tolist(), stop_id, max_new_tokens)  # (N, steps)
 
 
