@@ -58,8 +58,13 @@ def next_tokens(
     """(B, V) logits -> (B,) token ids. temperature 0 is greedy: top_k and top_p then change nothing."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(process_logits(logits, temperature, top_k, top_p), dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    probs = torch.softmax(process_logits(logits, temperature, top_k, top_p).float(), dim=-1)
+    # inverse CDF: the first token whose cumulative probability exceeds a uniform draw (a token of
+    # probability 0 adds nothing, so it is never drawn); torch.multinomial's CPU kernel takes ~8x as long
+    # for a decoding batch, a tenth of each step of a small model
+    cumulative = probs.cumsum(dim=-1)  # (B, V)
+    draw = torch.rand(probs.size(0), 1, generator=generator, device=probs.device) * cumulative[:, -1:]
+    return torch.searchsorted(cumulative, draw, right=True).squeeze(-1).clamp(max=probs.size(-1) - 1)
 
 
 def stream(

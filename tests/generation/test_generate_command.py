@@ -24,7 +24,10 @@ def ckpt(tiny_checkpoint: Path) -> Path:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([LLMKIT, "generate", *args], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([LLMKIT, "generate", *args], capture_output=True, timeout=300)
+    # decoded here: text mode would turn a sampled "\r" into "\n"
+    result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode(errors="replace")
+    return result
 
 
 def _expected(ckpt: Path, max_new_tokens: int, **options: object) -> str:

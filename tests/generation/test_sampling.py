@@ -52,8 +52,10 @@ def test_sampled_frequencies_follow_the_processed_distribution() -> None:
     counts = torch.bincount(next_tokens(logits, 1.0, top_k=3, generator=gen), minlength=4).float() / 20000
     expected = torch.tensor([0.5, 0.3, 0.15, 0.0]) / 0.95
     torch.testing.assert_close(counts, expected, rtol=0, atol=0.02)
+    assert counts[3] == 0  # outside the top k: never drawn
     counts = torch.bincount(next_tokens(logits, 1.0, top_p=0.7, generator=gen), minlength=4).float() / 20000
     torch.testing.assert_close(counts, torch.tensor([0.625, 0.375, 0.0, 0.0]), rtol=0, atol=0.02)
+    assert counts[2:].sum() == 0
 
 
 def test_greedy_ignores_top_k_top_p_and_the_generator() -> None:
