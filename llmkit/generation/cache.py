@@ -21,8 +21,10 @@ from llmkit.model.positions import PositionContext, PositionScheme
 class KVCache:
     """Every key and value so far, in buffers that double when full (never past `limit` columns)."""
 
-    def __init__(self, position: PositionScheme, limit: int) -> None:
+    def __init__(self, position: PositionScheme, limit: int, reserve: int = 0) -> None:
         self.position, self.limit = position, limit
+        self.reserve = min(reserve, limit)  # columns the first buffers hold: a caller that knows the final
+        # length (prompt + new tokens) spares every doubling's copy of the whole cache
         self.pos: Tensor | None = None  # (capacity,) or (B, capacity): position of each column
         self.keys: dict[int, Tensor] = {}  # layer -> (B, Hkv, capacity, D)
         self.values: dict[int, Tensor] = {}
@@ -69,7 +71,7 @@ class KVCache:
             return buffer
         old = 0 if buffer is None else buffer.size(dim)
         shape = list(new.shape)
-        shape[dim] = max(self.length, min(2 * old, self.limit))
+        shape[dim] = max(self.length, min(2 * old, self.limit), self.reserve)
         grown = new.new_empty(shape)
         if buffer is not None:
             grown.narrow(dim, 0, self.start).copy_(buffer.narrow(dim, 0, self.start))

@@ -78,13 +78,15 @@ class CachedDecoder:
     each `step` then runs one token per row at the next position of its row, `extend` several.
 
     with_grad=True: the model's forward as it is (its mode, gradients kept, through the cache too):
-    a training forward that runs a shared prompt once (llmkit/posttrain/grouped.py)."""
+    a training forward that runs a shared prompt once (llmkit/posttrain/grouped.py). reserve: the
+    tokens a row will reach, when known, so that the cache never grows."""
 
-    def __init__(self, model: Transformer, with_grad: bool = False) -> None:
+    def __init__(self, model: Transformer, with_grad: bool = False, reserve: int = 0) -> None:
         windows = {block.attention.window for block in model.blocks}
         if len(windows) > 1:
             raise NotImplementedError(f"layers with different attention windows {windows} need one cache each")
         self.model, self.window, self.with_grad = model, windows.pop(), with_grad
+        self.reserve = reserve  # the cache's first capacity, in tokens (KVCache)
         self.next_pos = torch.empty(0)
 
     def prefill(self, contexts: list[list[int]]) -> Tensor:
@@ -102,7 +104,7 @@ class CachedDecoder:
             positions, self.next_pos = positions.clamp(min=0), row_lengths[:, None]
         position = self.model.position
         if self.window is None:
-            self.cache: KVCache = KVCache(position, limit=self.model.cfg.max_seq_len)
+            self.cache: KVCache = KVCache(position, limit=self.model.cfg.max_seq_len, reserve=self.reserve)
         else:
             self.cache = SlidingWindowCache(position, self.window)
         self.attention = cached_attention(self.model, self.cache)

@@ -33,7 +33,7 @@ def sample_groups(
         raise ValueError(f"sample_groups needs non-empty prompts that leave max_new_tokens={max_new_tokens} of the "
                          f"model's {model.cfg.max_seq_len} positions (the longest has {longest} tokens)")
     with inference(model):  # once for every step: switching a training model's mode walks all its modules
-        decoder = CachedDecoder(model)
+        decoder = CachedDecoder(model, reserve=longest + max_new_tokens)
         logits = decoder.prefill(prompts).repeat_interleave(num_samples, dim=0)  # (N, V)
         decoder.repeat_rows(num_samples)
         tokens: list[Tensor] = []

@@ -54,7 +54,7 @@ def grouped_logits(model: Transformer, ids: Tensor, labels: Tensor, group: int) 
     heads = range(0, rows, group)
     prompts = [ids[r, : int(first[r]) + 1].tolist() for r in heads]
     offsets = torch.arange(span, device=ids.device)
-    decoder = CachedDecoder(model, with_grad=True)
+    decoder = CachedDecoder(model, with_grad=True, reserve=max(map(len, prompts)) + span)
     logits = decoder.prefill(prompts).repeat_interleave(group, dim=0)[:, None]  # (N, 1, V): the first token's
     decoder.repeat_rows(group)
     if span > 1:  # the completions but their last token, each predicting the next one
