@@ -469,7 +469,8 @@ def test_a_dpo_reference_copy_is_planned_at_the_bytes_frozen_copy_holds(finetune
 
     from llmkit.posttrain.objectives import frozen_copy
 
-    cfg = config(d_model=256, n_layers=2, n_heads=4, max_seq_len=64)
+    # Linears big against the embeddings: QLoRA must save more than its dequantized weights churn through the heap
+    cfg = config(d_model=512, n_layers=4, n_heads=4, max_seq_len=64)
     s = composed_setup(base_file(cfg, tmp_path / "base.ckpt"), "task=dpo", "data=preference", "data.path=unused.jsonl",
                        f"finetune={finetune}")
     assert s.reference_copy and s.batch_size == 2 * 8  # chosen and rejected rows
