@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llmkit.generation.decode import CachedAttention, CachedDecoder, cached_attention, inference
+from llmkit.generation.decode import CachedDecoder, cached_attention, forward_cached, inference
 from llmkit.model import Transformer
 from llmkit.text.tokenizer import Tokenizer
 
@@ -118,20 +118,7 @@ def _continue(model: Transformer, decoder: CachedDecoder, owner: list[int], inpu
     starts = decoder.next_pos.reshape(-1).expand(questions)  # (Q,): the first position after each context
     positions = starts.index_select(0, rows)[:, None] + torch.arange(width, device=device)  # (G, width)
     cache.begin(positions)
-    return forward_all(model, cached_attention(model, cache), ids, positions)
-
-
-def forward_all(model: Transformer, attention: list[CachedAttention], ids: Tensor, positions: Tensor) -> Tensor:
-    """As llmkit.generation.decode.forward_cached, but the logits of every position: (B, T, V)."""
-    originals = [block.attention for block in model.blocks]
-    try:
-        for block, cached in zip(model.blocks, attention, strict=True):
-            block.attention = cached
-        with inference(model):
-            return model(ids, positions=positions)
-    finally:
-        for block, original in zip(model.blocks, originals, strict=True):
-            block.attention = original
+    return forward_cached(model, cached_attention(model, cache), ids, positions, last_only=False)  # (G, width, V)
 
 
 @torch.no_grad()
