@@ -22,7 +22,6 @@ row submitted at once, max_batch = rows), the same prompts, max_tokens and sampl
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import tempfile
@@ -87,26 +86,55 @@ def per_step(rollouts: list[float], steps: list[float]) -> dict[str, float]:
     return {"rollout": rollout, "update": sum(steps[skip:]) / n - rollout, "step": sum(steps[skip:]) / n}
 
 
+class LlmkitStepTimes:
+    """A Lightning callback (callbacks.bench_steps=bench_rl:LlmkitStepTimes) that times each step from its
+    batch's start to its end, as StepTimes does TRL's; the rollout inside is timed by wrapping the objective."""
+
+    rollouts: list[float] = []
+    steps: list[float] = []
+
+    def __new__(cls):
+        from lightning.pytorch.callbacks import Callback
+
+        class Timer(Callback):
+            def on_train_batch_start(self, *a, **k):
+                self.started = time.perf_counter()
+
+            def on_train_batch_end(self, *a, **k):
+                cls.steps.append(time.perf_counter() - self.started)
+
+        return Timer()
+
+
 def run_llmkit(checkpoint: Path, prompts: list[str], args: argparse.Namespace, work: Path) -> dict[str, float]:
     from llmkit.cli import main as llmkit
+    from llmkit.posttrain.rl import OnlineRL
 
     work.mkdir(parents=True, exist_ok=True)
     data = work / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    run = work / "run"
-    llmkit(["train", f"hydra.run.dir={run}", f"paths.data_dir={work / 'cache'}", "task=grpo", f"init_from={checkpoint}",
-            "data=prompts", f"data.path={data}", "data.template=raw", f"data.batch_size={len(prompts)}",
-            "reward=function", "reward.fn=bench_rl:reward", f"task.num_generations={args.generations}",
-            f"task.max_completion_length={args.completion}", f"trainer.max_steps={args.steps}",
-            "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "preflight=off",
-            "sample.max_new_tokens=1", "optim.lr=1e-5", "optim.fused=false", "scheduler=constant",
-            "scheduler.warmup_steps=0", "trainer.gradient_clip_val=null", "callbacks.checkpoint.save_last=false"])
-    rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))
-    column = lambda key: [float(r[key]) for r in rows if r.get(key)]  # noqa: E731
-    rollouts, updates = column("train/time/rollout_s"), column("train/time/update_s")
-    # update_s of step k is logged at step k + 1 (the time from one rollout's end to the next step's start)
-    steps = [r + u for r, u in zip(rollouts, updates, strict=False)]
-    return per_step(rollouts[: len(steps)], steps)
+    LlmkitStepTimes.rollouts, LlmkitStepTimes.steps = [], []
+    rollout = OnlineRL.rollout
+
+    def timed(*a, **k):
+        started = time.perf_counter()
+        out = rollout(*a, **k)
+        LlmkitStepTimes.rollouts.append(time.perf_counter() - started)
+        return out
+
+    OnlineRL.rollout = timed
+    try:
+        llmkit(["train", f"hydra.run.dir={work / 'run'}", f"paths.data_dir={work / 'cache'}", "task=grpo",
+                f"init_from={checkpoint}", "data=prompts", f"data.path={data}", "data.template=raw",
+                f"data.batch_size={len(prompts)}", "reward=function", "reward.fn=bench_rl:reward",
+                f"task.num_generations={args.generations}", f"task.max_completion_length={args.completion}",
+                f"trainer.max_steps={args.steps}", f"trainer.log_every_n_steps={args.log_every}",
+                "trainer.enable_progress_bar=false", "preflight=off", "sample.max_new_tokens=1", "optim.lr=1e-5",
+                "scheduler=constant", "scheduler.warmup_steps=0", "trainer.gradient_clip_val=null",
+                "callbacks.checkpoint.save_last=false", "+callbacks.bench_steps._target_=bench_rl.LlmkitStepTimes"])
+    finally:
+        OnlineRL.rollout = rollout
+    return per_step(LlmkitStepTimes.rollouts, LlmkitStepTimes.steps)
 
 
 def run_trl(hf_dir: Path, prompts: list[str], args: argparse.Namespace, work: Path) -> dict[str, float]:
@@ -117,7 +145,8 @@ def run_trl(hf_dir: Path, prompts: list[str], args: argparse.Namespace, work: Pa
     config = GRPOConfig(
         output_dir=str(work / "trl"), use_cpu=True, per_device_train_batch_size=len(prompts) * args.generations,
         num_generations=args.generations, max_completion_length=args.completion, max_steps=args.steps,
-        learning_rate=1e-5, beta=0.0, loss_type="dapo", temperature=1.0, logging_steps=1, report_to="none",
+        learning_rate=1e-5, beta=0.0, loss_type="dapo", temperature=1.0, logging_steps=args.log_every,
+        report_to="none",
         save_strategy="no", bf16=False, disable_tqdm=True, seed=0, max_grad_norm=0.0,
     )
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
@@ -179,7 +208,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--completion", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=11)
+    parser.add_argument("--log-every", type=int, default=5, help="both trainers log every N steps")
     parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each trainer, alternated; the fastest is shown")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both trainers (default: torch's)")
@@ -187,6 +217,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # reward.fn=bench_rl:reward
+    sys.modules.setdefault("bench_rl", sys.modules[__name__])  # the timer the run instantiates records here
     prompts = prompt_texts(args.prompts)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

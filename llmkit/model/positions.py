@@ -15,7 +15,7 @@ at 0 in every document); every shape below gains that B.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,9 @@ class PositionContext:
     # non-decreasing along the row. A query then sees only earlier keys of its own document.
     q_seg: Tensor | None = None
     k_seg: Tensor | None = None
+    # masks built from the above by the first layer's kernel and read by the others (llmkit/model/kernels.py);
+    # init=False: a copy made with dataclasses.replace starts empty, as its positions may differ
+    masks: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def rotate_q(self, q: Tensor) -> Tensor:
         return q if self.q_rotary is None else apply_rotary(q, *self.q_rotary)

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from llmkit.generation.groups import sample_groups
 from llmkit.model import Transformer
-from llmkit.posttrain.grouped import policy_logits
+from llmkit.posttrain.grouped import ScoredLogits, policy_logits
 from llmkit.posttrain.objectives import ADAPTER_FINETUNES, OBJECTIVES, Objective, StepOutput, frozen_copy
 from llmkit.posttrain.packing import IGNORE
 from llmkit.posttrain.rewards import REWARDS, Completions, score
@@ -103,21 +103,6 @@ def layout(prompts: list[list[int]], completions: list[list[int]], num_generatio
         ids[i, : len(p) + len(c)] = torch.tensor(p + c)
         labels[i, len(p) - 1 : len(p) - 1 + len(c)] = torch.tensor(c, dtype=torch.long)
     return ids, labels
-
-
-def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
-    """(N, T, V), (N, T) -> (N, T) float32 log p(label) of logits / temperature, 0 where unscored."""
-    x = logits.float() / temperature
-    picked = x.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(x, dim=-1)
-    return torch.where(labels != IGNORE, picked, 0.0)
-
-
-@torch.no_grad()
-def token_entropy(logits: Tensor, mask: Tensor, temperature: float = 1.0) -> Tensor:
-    """Mean entropy of the sampling distribution over the completion tokens."""
-    x = logits.detach()[mask.bool()].float() / temperature  # (n, V)
-    entropy = torch.logsumexp(x, -1) - (x.softmax(-1) * x).sum(-1)
-    return entropy.mean() if entropy.numel() else entropy.new_zeros(())
 
 
 TABLE_COLUMNS = ("step", "prompt", "completion", "reward")
@@ -246,7 +231,7 @@ class OnlineRL(Objective):
             with torch.no_grad():
                 rollout.ref_logps = self._reference_logps(model, ids, labels)
                 if self.kl_in == "reward" and self.sequence_kl:  # the sampling policy's log-probs, as TRL's RLOO
-                    old = token_logprobs(self.logits(model, ids, labels), labels, self.temperature)
+                    old = self.logits(model, ids, labels).logprobs(self.temperature)
                     kl = sequence_kl(old, rollout.ref_logps, rollout.mask, self.kl_estimator)  # (N,)
                     rollout.rewards = raw - self.beta * kl.double().cpu()
                     logs["kl"] = kl.sum() / rollout.mask.sum().clamp(min=1)  # per token, as in the loss
@@ -298,8 +283,8 @@ class OnlineRL(Objective):
             from llmkit.adapters.lora import lora_disabled
 
             with lora_disabled(model):
-                return token_logprobs(self.logits(model, ids, labels), labels, self.temperature)
-        return token_logprobs(self.logits(self._frozen[0], ids, labels), labels, self.temperature)
+                return self.logits(model, ids, labels).logprobs(self.temperature)
+        return self.logits(self._frozen[0], ids, labels).logprobs(self.temperature)
 
     def finish(self, model: Transformer, rollout: Rollout) -> dict[str, Tensor]:
         """The rollout's advantages, from its rewards; returns what it logs."""
@@ -309,13 +294,13 @@ class OnlineRL(Objective):
     def advantages(self, rewards: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def logits(self, model: Transformer, ids: Tensor, labels: Tensor) -> Tensor:
-        """(N, T, V) logits where the labels score them, each prompt run once for its group
+    def logits(self, model: Transformer, ids: Tensor, labels: Tensor) -> ScoredLogits:
+        """The logits where the labels score them, each prompt run once for its group
         (llmkit/posttrain/grouped.py): the policy's and the reference's alike."""
         return policy_logits(model, ids, labels, self.G if self.shared_prompts else 1)
 
-    def policy_forward(self, model: Transformer, rollout: Rollout) -> tuple[Tensor, Tensor | None]:
-        """(N, T, V) logits of the update, and what else the loss reads (PPO: the hidden states)."""
+    def policy_forward(self, model: Transformer, rollout: Rollout) -> tuple[ScoredLogits, Tensor | None]:
+        """The update's logits, and what else the loss reads (PPO: the (N, T, C) hidden states)."""
         return self.logits(model, rollout.ids, rollout.labels), None
 
     def loss(self, logps: Tensor, old_logps: Tensor, rollout: Rollout, hidden: Tensor | None = None
@@ -338,15 +323,15 @@ class OnlineRL(Objective):
             logs["time/rollout_s"] = torch.tensor(self._last_rollout_s)
         else:
             self._last_rollout_s = 0.0
-        logits, hidden = self.policy_forward(model, rollout)  # (N, T, V)
-        logps = token_logprobs(logits, rollout.labels, self.temperature)
+        logits, hidden = self.policy_forward(model, rollout)
+        logps = logits.logprobs(self.temperature)  # (N, T)
         if rollout.old_logps is None:  # the rollout's first update: the policy has not moved since it sampled
             rollout.old_logps = logps.detach()
         if self.num_iterations > 1:
             self._rollouts[batch["micro"]] = rollout
         loss, metrics = self.loss(logps, rollout.old_logps, rollout, hidden)
         aux = model.pop_aux_losses()
-        logs.update({"loss": loss.detach(), **metrics, "entropy": token_entropy(logits, rollout.mask, self.temperature)})
+        logs.update({"loss": loss.detach(), **metrics, "entropy": logits.entropy(self.temperature)})
         return StepOutput(loss + sum(aux.values()), logs, model.pop_metrics())
 
     # ---- a kept rollout is part of the run's state (num_iterations > 1) ------------------------------

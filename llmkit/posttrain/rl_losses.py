@@ -33,6 +33,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from llmkit.posttrain.packing import IGNORE
 from llmkit.registry import Registry
 
 STD_EPS = 1e-4  # TRL's: a group whose rewards are all equal gets advantage 0, not 0/0
@@ -214,3 +215,18 @@ def ppo_loss(
     metrics = clip_fractions(ratio.detach(), advantages, mask, cliprange, cliprange)
     metrics.update({"policy_loss": pg.detach(), "value_loss": vf.detach()})
     return pg + vf_coef * vf, metrics
+
+
+def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+    """(N, T, V), (N, T) -> (N, T) float32 log p(label) of logits / temperature, 0 where unscored."""
+    x = logits.float() / temperature
+    picked = x.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(x, dim=-1)
+    return torch.where(labels != IGNORE, picked, 0.0)
+
+
+@torch.no_grad()
+def token_entropy(logits: Tensor, mask: Tensor, temperature: float = 1.0) -> Tensor:
+    """Mean entropy of the sampling distribution over the completion tokens."""
+    x = logits.detach()[mask.bool()].float() / temperature  # (n, V)
+    entropy = torch.logsumexp(x, -1) - (x.softmax(-1) * x).sum(-1)
+    return entropy.mean() if entropy.numel() else entropy.new_zeros(())

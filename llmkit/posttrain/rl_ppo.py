@@ -17,8 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from llmkit.model import Transformer
+from llmkit.posttrain.grouped import ScoredLogits
 from llmkit.posttrain.objectives import OBJECTIVES
-from llmkit.posttrain.rl import OnlineRL, Rollout, token_logprobs
+from llmkit.posttrain.rl import OnlineRL, Rollout
 from llmkit.posttrain.rl_losses import KL_ESTIMATORS, gae, masked_whiten, ppo_loss
 
 
@@ -55,17 +56,18 @@ class PPO(OnlineRL):
         sample labels[t] (tokens 0..t seen), the alignment of the per-token log-probs and rewards."""
         return self.value_head(hidden).squeeze(-1).float()
 
-    def logits(self, model: Transformer, ids: Tensor, labels: Tensor) -> Tensor:
-        return model(ids)  # the plain forward, as policy_forward's (whose hidden states the value head reads)
+    def logits(self, model: Transformer, ids: Tensor, labels: Tensor) -> ScoredLogits:
+        return ScoredLogits(model(ids), labels)  # the plain forward, as policy_forward's (the value head reads its states)
 
-    def policy_forward(self, model: Transformer, rollout: Rollout) -> tuple[Tensor, Tensor | None]:
-        return model.logits_and_features(rollout.ids)  # (N, T, V), (N, T, C): one call, so FSDP gathers the root for both
+    def policy_forward(self, model: Transformer, rollout: Rollout) -> tuple[ScoredLogits, Tensor | None]:
+        logits, hidden = model.logits_and_features(rollout.ids)  # (N, T, V), (N, T, C): one call, FSDP gathers the root once
+        return ScoredLogits(logits, rollout.labels), hidden
 
     def finish(self, model: Transformer, rollout: Rollout) -> dict[str, Tensor]:
         mask, logs = rollout.mask, {}
         with torch.no_grad():
             logits, hidden = self.policy_forward(model, rollout)
-            old = token_logprobs(logits, rollout.labels, self.temperature)
+            old = logits.logprobs(self.temperature)
             values = self.values(hidden) * mask
         rewards = torch.zeros_like(values)  # (N, T)
         if self.beta != 0:

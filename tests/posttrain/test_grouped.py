@@ -1,13 +1,14 @@
 """The update's grouped forward (llmkit/posttrain/grouped.py): each prompt run once for its group gives the plain
-forward's logits and gradients at every scored position, for every position scheme; where a cache cannot
-stand in for the training forward, the plain forward runs."""
+forward's logits, per-token log-probs and gradients at every scored position, for every position scheme;
+where a cache cannot stand in for the training forward, the plain forward runs."""
 
 import pytest
 import torch
 
 from llmkit.generation.decode import CachedDecoder
 from llmkit.posttrain.grouped import grouped_logits, policy_logits, runs_groups
-from llmkit.posttrain.rl import layout, token_logprobs
+from llmkit.posttrain.rl import layout
+from llmkit.posttrain.rl_losses import token_entropy, token_logprobs
 from tests.model.helpers import VOCAB, tiny_model
 
 # fp32: the cached pass sums each query's keys in another order than the plain causal one (~5e-7 here, as in
@@ -32,17 +33,22 @@ def test_grouped_logits_and_gradients_are_the_plain_forwards(position: str, kv_h
     scored = labels != -100
     plain = model(ids)
     grouped = grouped_logits(model, ids, labels, G)
-    torch.testing.assert_close(grouped[scored], plain[scored], **TOL)
-    assert (grouped[~scored] == 0).all()
+    assert grouped.logits.size(1) == 4  # the longest completion, not the (N, T) layout's 10 columns
+    torch.testing.assert_close(grouped.logits[grouped.labels != -100], plain[scored], **TOL)
+    logps = grouped.logprobs(temperature=0.7)
+    torch.testing.assert_close(logps, token_logprobs(plain, labels, 0.7), **TOL)
+    assert (logps[~scored] == 0).all()
+    torch.testing.assert_close(grouped.entropy(0.7), token_entropy(plain, scored, 0.7), **TOL)
     weights = torch.randn(labels.shape, generator=torch.Generator().manual_seed(1))  # a loss over every token
 
-    def gradients(logits: torch.Tensor) -> list[torch.Tensor]:
+    def gradients(logps: torch.Tensor) -> list[torch.Tensor]:
         model.zero_grad()
-        (token_logprobs(logits, labels) * weights).sum().backward()
+        (logps * weights).sum().backward()
         return [p.grad.clone() for p in model.parameters()]
 
-    for got, want in zip(gradients(grouped_logits(model, ids, labels, G)), gradients(model(ids)), strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)  # sums of ~100 terms of up to ~0.1: ~1e-6 off
+    got, want = gradients(grouped_logits(model, ids, labels, G).logprobs()), gradients(token_logprobs(model(ids), labels))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)  # sums of ~100 terms of up to ~0.1: ~1e-6 off
 
 
 def test_each_prompt_is_prefilled_once_for_its_group(monkeypatch) -> None:
@@ -77,4 +83,4 @@ def test_the_plain_forward_runs_where_a_cache_cannot_stand_in(change: str, monke
     torch.manual_seed(0)
     got = policy_logits(model, ids, labels, group)
     torch.manual_seed(0)
-    assert torch.equal(got, model(ids))  # the same forward, the same dropout draws
+    assert got.columns is None and torch.equal(got.logits, model(ids))  # the same forward, the same dropout draws

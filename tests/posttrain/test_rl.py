@@ -17,7 +17,8 @@ from llmkit.checkpoint import load_checkpoint
 from llmkit.cli import main as llmkit
 from llmkit.generation.decode import CachedDecoder
 from llmkit.posttrain.rewards import Completions, Reward
-from llmkit.posttrain.rl import GRPO, RLOO, Rollout, token_logprobs
+from llmkit.posttrain.rl import GRPO, RLOO, Rollout
+from llmkit.posttrain.rl_losses import token_logprobs
 from llmkit.posttrain.rl_ppo import PPO
 
 ANSWERS = {"1": "a", "2": "b", "3": "c"}  # the task: answer the digit's letter; a random base rarely does (1 in 12)
