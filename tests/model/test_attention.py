@@ -138,3 +138,25 @@ def test_t5_buckets_are_exact_near_and_logarithmic_far() -> None:
     buckets = t5.bucket(distance)
     assert buckets[:3].tolist() == [0, 1, 15]
     assert 16 <= buckets[3] < buckets[4] <= 31 and buckets[5] == 31
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "eager"])
+def test_one_mask_per_forward_is_shared_by_the_layers(kernel: str, monkeypatch) -> None:
+    # the layers of one forward share its PositionContext and read the mask the first one built (a decoding
+    # step's mask cost more than its attention); a copy of the context (other positions) starts without it
+    import dataclasses
+
+    import llmkit.model.kernels as kernels
+
+    built = []
+    original = kernels.additive_mask
+    monkeypatch.setattr(kernels, "additive_mask", lambda *a: built.append(1) or original(*a))
+    model = tiny_model(position={"name": "alibi"}, attention={"name": "causal", "kernel": kernel})
+    assert len(model.blocks) > 1
+    ids = torch.randint(0, VOCAB, (2, 7))
+    with torch.no_grad():
+        model(ids)
+    assert len(built) == 1
+    ctx = model.position.context(torch.arange(3), torch.arange(3))
+    ctx.masks["x"] = torch.zeros(())
+    assert dataclasses.replace(ctx, q_pos=torch.arange(1)).masks == {}
