@@ -52,10 +52,14 @@ class KVCache:
         prefill of a prompt serves all the completions sampled from it."""
         for store in (self.keys, self.values):
             for layer, buffer in store.items():
-                store[layer] = buffer.repeat_interleave(times, dim=0)  # (B * times, Hkv, capacity, D)
+                store[layer] = _repeat_filled(buffer, times, self._filled(), dim=2)  # (B * times, Hkv, capacity, D)
         if self.pos is not None and self.pos.dim() == 2:  # per-row positions (left-padded prompts)
-            self.pos = self.pos.repeat_interleave(times, dim=0)
+            self.pos = _repeat_filled(self.pos, times, self._filled(), dim=1)
         self._ctx = None
+
+    def _filled(self) -> int:
+        """Columns of the buffers written so far."""
+        return self.length
 
     def context(self) -> PositionContext:
         """Mask and bias of this step's queries over every key (no rotary: keys are stored rotated).
@@ -91,8 +95,21 @@ class SlidingWindowCache(KVCache):
         self.pos = k_pos[..., -self.window :]
         self.q_pos, self.k_pos, self._ctx = q_pos, k_pos, None
 
+    def _filled(self) -> int:
+        return 0 if self.pos is None else self.pos.size(-1)  # every column it keeps
+
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         if layer in self.keys:
             k, v = torch.cat([self.keys[layer], k], dim=2), torch.cat([self.values[layer], v], dim=2)
         self.keys[layer], self.values[layer] = k[:, :, -self.window :], v[:, :, -self.window :]
         return k, v
+
+
+def _repeat_filled(buffer: Tensor, times: int, filled: int, dim: int) -> Tensor:
+    """buffer's rows each `times` times, consecutively, in a buffer of the same capacity along `dim`, of
+    which only the first `filled` columns are copied (the rest is yet to be written)."""
+    rows = buffer.size(0)
+    out = buffer.new_empty(rows * times, *buffer.shape[1:])
+    grouped = out.view(rows, times, *buffer.shape[1:]).narrow(dim + 1, 0, filled)  # (B, times, ..., filled, ...)
+    grouped.copy_(buffer.narrow(dim, 0, filled).unsqueeze(1).expand_as(grouped))
+    return out

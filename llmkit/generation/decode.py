@@ -116,9 +116,9 @@ class CachedDecoder:
         if self.next_pos.dim() == 2:  # (B, 1) per-row positions
             self.next_pos = self.next_pos.repeat_interleave(times, dim=0)
 
-    def step(self, tokens: list[int]) -> Tensor:
+    def step(self, tokens: list[int] | Tensor) -> Tensor:
         """tokens: the next token of each row -> (B, V) logits of the token after it."""
-        ids = torch.tensor(tokens, device=_device(self.model))[:, None]  # (B, 1)
+        ids = torch.as_tensor(tokens, device=_device(self.model))[:, None]  # (B, 1)
         positions, self.next_pos = self.next_pos, self.next_pos + 1  # (1,) or (B, 1)
         return self._forward(ids, positions, positions)
 

@@ -41,7 +41,7 @@ def sample_groups(
         lockstep = _sharded(model)
         for step in range(max_new_tokens):
             if step:
-                logits = decoder.step(tokens[-1].tolist())
+                logits = decoder.step(tokens[-1])
             tokens.append(next_tokens(logits, temperature, None, top_p, generator))
             if stop_id is not None:
                 stopped |= tokens[-1] == stop_id

@@ -43,7 +43,8 @@ def keep_top_p(logits: Tensor, p: float) -> Tensor:
 
 def process_logits(logits: Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None) -> Tensor:
     """Temperature, then top-k, then top-p (the order of Hugging Face's and llama.cpp's samplers)."""
-    logits = logits / temperature
+    if temperature != 1:
+        logits = logits / temperature
     if top_k:
         logits = keep_top_k(logits, top_k)
     if top_p is not None and top_p < 1:
