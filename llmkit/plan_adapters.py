@@ -102,7 +102,7 @@ def load_peak(base_model: nn.Module, file_bytes: int) -> dict[str, int]:
 
 
 def reference_copy_bytes(base_model: nn.Module, run_model: nn.Module, finetune: dict[str, Any], size: int) -> int:
-    """DPO's task.reference=copy (llmkit/posttrain/objectives.py frozen_copy), held beside the policy: the base
+    """DPO's task.reference=copy (llmkit/posttrain/objectives.py ReferenceCopy), held beside the policy: the base
     copied when the objective is attached, in float32 (outside the module tree, the precision plugin never
     converts it); under qlora the adapted model copied at fit start, so its quantized base, in the run's
     parameter dtype (`size` bytes) beside its codes and scales."""

@@ -51,6 +51,21 @@ def frozen_copy(model: Transformer) -> Transformer:
     return reference
 
 
+class ReferenceCopy:
+    """A frozen copy of the policy's starting model, as DPO's and online RL's reference. Under QLoRA it is
+    taken at fit start, once the base is quantized: a copy of the quantized base the policy starts from, at
+    its size; a copy taken earlier would be the full-precision base the run exists to avoid holding."""
+
+    def __init__(self, model: Transformer, finetune: str) -> None:
+        self.model: Transformer | None = None if finetune == "qlora" else frozen_copy(model)
+
+    def place(self, model: Transformer, device: torch.device) -> None:
+        """At fit start: the copy (taken now if it waited for the quantized base) on the run's device."""
+        if self.model is None:
+            self.model = frozen_copy(model)
+        self.model.to(device)
+
+
 REFERENCES = ("copy", "lora", "precomputed")
 
 
@@ -170,8 +185,7 @@ class DirectPreference(PairObjective):
             raise ValueError(f"task.reference={reference}: choose one of {', '.join(REFERENCES)}")
         self.beta, self.kind, self.label_smoothing, self.reference = beta, loss, label_smoothing, reference
         self.average = loss == "ipo"  # IPO regresses per-token log-ratios (as Azar et al. and TRL do); DPO sums
-        self._frozen: list[Transformer] = []  # the reference copy, outside the module tree (not trained or saved)
-        self._copy_at_fit_start = False  # finetune=qlora: the copy is taken once the base is quantized
+        self._copy: ReferenceCopy | None = None  # reference=copy; not a module: not trained or saved
         self.init_from: str | None = None
 
     def attach(self, model: Transformer, init_from: str | None, finetune: str) -> None:
@@ -180,17 +194,12 @@ class DirectPreference(PairObjective):
         if self.reference == "precomputed" and init_from is None:
             raise ValueError("task.reference=precomputed computes the reference with the base model: give init_from=")
         self.init_from = init_from
-        # QLoRA: copied once the base is quantized (at fit start), so the reference is the quantized base the
-        # policy starts from, at its size; a copy now would be the full-precision base the run exists to avoid
-        self._copy_at_fit_start = self.reference == "copy" and finetune == "qlora"
-        if self.reference == "copy" and not self._copy_at_fit_start:
-            self._frozen = [frozen_copy(model)]
+        if self.reference == "copy":
+            self._copy = ReferenceCopy(model, finetune)
 
     def on_fit_start(self, lit: Any) -> None:
-        if self._copy_at_fit_start and not self._frozen:
-            self._frozen = [frozen_copy(lit.model)]
-        if self._frozen:
-            self._frozen[0].to(lit.device)
+        if self._copy is not None:
+            self._copy.place(lit.model, lit.device)
         if self.reference == "precomputed":
             attach_precomputed_reference(lit.trainer.datamodule, self.init_from, lit.device)
 
@@ -206,7 +215,7 @@ class DirectPreference(PairObjective):
 
                 with lora_disabled(model):
                     return sequence_logprobs(model(ids), labels, average=self.average)
-            return sequence_logprobs(self._frozen[0](ids), labels, average=self.average)
+            return sequence_logprobs(self._copy.model(ids), labels, average=self.average)
 
     def losses(self, model: Transformer, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         ids, labels, n = _pair(batch)

@@ -38,7 +38,7 @@ from torch import Tensor
 from llmkit.generation.groups import sample_groups
 from llmkit.model import Transformer
 from llmkit.posttrain.grouped import ScoredLogits, policy_logits
-from llmkit.posttrain.objectives import ADAPTER_FINETUNES, OBJECTIVES, Objective, StepOutput, frozen_copy
+from llmkit.posttrain.objectives import ADAPTER_FINETUNES, OBJECTIVES, Objective, ReferenceCopy, StepOutput
 from llmkit.posttrain.packing import IGNORE
 from llmkit.posttrain.rewards import REWARDS, Completions, score
 from llmkit.posttrain.rl_losses import (
@@ -164,9 +164,8 @@ class OnlineRL(Objective):
         self._table: Path | None = None  # completions.csv in the run directory (rank 0)
         self._wandb: Any = None  # and a wandb Table, when the run logs to wandb
         self.val_names = ("reward", f"rewards/{self.reward.name}", "completions/mean_length", "completions/truncated")
-        self._frozen: list[Transformer] = []  # a reference copy, outside the module tree (not trained or saved)
+        self._copy: ReferenceCopy | None = None  # the reference, for reference=copy; not a module: not trained or saved
         self._use_lora_reference = False
-        self._copy_at_fit_start = False
         self._rollouts: dict[int, Rollout] = {}  # accumulation slot -> the rollout its updates reuse
         self.tokenizer: Any = None
         self.stop_id: int | None = None
@@ -184,23 +183,14 @@ class OnlineRL(Objective):
         if kind == "lora" and not adapters:
             raise ValueError("task.reference=lora uses the base with its adapters switched off: it needs finetune=lora")
         self._use_lora_reference = kind == "lora"
-        # QLoRA: copied once the base is quantized (at fit start), a copy of the quantized base, not of the
-        # full-precision one the run exists to avoid holding
-        self._copy_at_fit_start = kind == "copy" and finetune == "qlora"
-        if kind == "copy" and not self._copy_at_fit_start:
-            self._frozen = [frozen_copy(model)]
-
-    def place_reference(self, model: Transformer, device: torch.device) -> None:
-        """The reference copy on the run's device (under QLoRA, copied now: the base is quantized by now)."""
-        if self._copy_at_fit_start and not self._frozen:
-            self._frozen = [frozen_copy(model)]
-        if self._frozen:
-            self._frozen[0].to(device)
+        if kind == "copy":
+            self._copy = ReferenceCopy(model, finetune)
 
     def on_fit_start(self, lit: Any) -> None:
         from llmkit.text.chat import end_of_turn_id
 
-        self.place_reference(lit.model, lit.device)
+        if self._copy is not None:
+            self._copy.place(lit.model, lit.device)
         datamodule = lit.trainer.datamodule
         self.tokenizer = datamodule.tokenizer
         self.stop_id = end_of_turn_id(self.tokenizer, datamodule.template)
@@ -284,7 +274,7 @@ class OnlineRL(Objective):
 
             with lora_disabled(model):
                 return self.logits(model, ids, labels).logprobs(self.temperature)
-        return self.logits(self._frozen[0], ids, labels).logprobs(self.temperature)
+        return self.logits(self._copy.model, ids, labels).logprobs(self.temperature)
 
     def finish(self, model: Transformer, rollout: Rollout) -> dict[str, Tensor]:
         """The rollout's advantages, from its rewards; returns what it logs."""

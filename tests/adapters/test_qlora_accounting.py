@@ -74,14 +74,14 @@ def test_dpo_copies_a_qlora_reference_after_quantization_and_others_at_attach() 
     dpo = DirectPreference(reference="copy")
     model = copy.deepcopy(base)
     dpo.attach(model, None, "qlora")  # before the adapters, as LitLM calls it: a copy now would be float32
-    assert dpo._frozen == []
+    assert dpo._copy.model is None
     apply_qlora(model, ADAPTERS, QuantConfig())
     dpo.on_fit_start(SimpleNamespace(model=model, device=torch.device("cpu")))
-    assert resident_bytes(dpo._frozen[0]) == resident_bytes(model) < resident_bytes(base)
+    assert resident_bytes(dpo._copy.model) == resident_bytes(model) < resident_bytes(base)
     for finetune in ("full", "lora"):  # unchanged: the base copied when attached
         other = DirectPreference(reference="copy")
         other.attach(base, None, finetune)
-        assert resident_bytes(other._frozen[0]) == resident_bytes(base)
+        assert resident_bytes(other._copy.model) == resident_bytes(base)
 
 
 def test_online_rl_copies_a_qlora_reference_after_quantization() -> None:
@@ -91,10 +91,10 @@ def test_online_rl_copies_a_qlora_reference_after_quantization() -> None:
     grpo = GRPO(num_generations=2, beta=0.1, reference="copy")
     model = copy.deepcopy(base)
     grpo.attach(model, None, "qlora")
-    assert grpo._frozen == []
+    assert grpo._copy.model is None
     apply_qlora(model, ADAPTERS, QuantConfig())
-    grpo.place_reference(model, torch.device("cpu"))  # at fit start
-    assert resident_bytes(grpo._frozen[0]) == resident_bytes(model) < resident_bytes(base)
+    grpo._copy.place(model, torch.device("cpu"))  # at fit start
+    assert resident_bytes(grpo._copy.model) == resident_bytes(model) < resident_bytes(base)
 
 
 def test_a_qlora_dpo_run_with_a_copied_reference_starts_at_ln2(tiny_checkpoint: Path, tmp_path: Path) -> None:

@@ -162,13 +162,13 @@ def test_beta_zero_builds_no_reference_and_the_lora_reference_is_the_base(base: 
     from llmkit.adapters.lora import LoraConfig, apply_lora
 
     obj, _, _ = objective(base=base, beta=0.0)
-    assert obj._frozen == [] and not obj._use_lora_reference
+    assert obj._copy is None and not obj._use_lora_reference
     copied, _, _ = objective(base=base, beta=0.1)
-    assert len(copied._frozen) == 1 and not any(p.requires_grad for p in copied._frozen[0].parameters())
+    assert copied._copy.model is not None and not any(p.requires_grad for p in copied._copy.model.parameters())
     loaded = load_checkpoint(base)
     lora = GRPO(reward={"name": "exact_match"}, num_generations=2, beta=0.1)
     lora.attach(loaded.model, str(base), "lora")
-    assert lora._frozen == [] and lora._use_lora_reference
+    assert lora._copy is None and lora._use_lora_reference
     apply_lora(loaded.model, LoraConfig(r=2))
     for p in loaded.model.parameters():  # adapters that change the outputs
         if p.requires_grad:
