@@ -2,21 +2,25 @@
 side in one process on the same model, prompts, group size, completion length and batch; and the rollout's
 decode speed against `llmkit serve`'s engine on the same rows.
 
-  python scripts/bench_rl.py [--prompts 4] [--generations 8] [--completion 32] [--steps 6] [--model tiny]
-                             [--repeats 2] [--threads N]
+  python scripts/bench_rl.py [--prompts 4] [--generations 8] [--completion 32] [--steps 11] [--model tiny]
+                             [--repeats 2] [--threads N] [--log-every 5]
 
 The model is random (speed does not depend on the weights) with a one-character-per-token vocabulary, so
 that llmkit's tokenizer and the Hugging Face one built for TRL give the same ids; TRL trains the model
 exported with llmkit/hf.py. The reward is a function of the completion text (its length mod 3), so
-groups have unequal rewards. Both runs: beta=0 (no reference), num_iterations=1, loss_type=dapo, AdamW,
-temperature 1, one process, the threads torch has, no gradient clipping. Per step: rollout (generation
-+ scoring) and update (everything else: forward, backward, optimizer step, the trainer's own work), means
-over the steps after the first; each trainer runs --repeats times, alternated, and its fastest run is shown
-(the machines these run on are shared: the fastest run is the one least slowed by other load).
+groups have unequal rewards. Both runs: beta=0 (no reference), num_iterations=1, loss_type=dapo, each
+trainer's default optimizer (fused AdamW for both), temperature 1, one process, the threads torch has, no
+gradient clipping, logs written every --log-every steps. Per step, timed by each trainer's callbacks from a
+step's start to its end: rollout (generation + scoring) and update (everything else: forward, backward,
+optimizer step, the trainer's own work), means over the steps after the first; each trainer runs --repeats
+times, alternated, and its fastest run is shown (the machines these run on are shared: the fastest run is
+the one least slowed by other load).
 
 Rollout tokens/s: llmkit's rollout sampler (llmkit/generation/groups.py: all rows in one batch through
 the KV-cache decoder, each prompt prefilled once) vs the serving engine (llmkit/serve/engine.py: every
 row submitted at once, max_batch = rows), the same prompts, max_tokens and sampling, no stop token, in the same process.
+And a rollout whose rows stop early (each with a 5% chance per token): stopped rows leaving the decoding batch
+(llmkit's default) against every row decoded to the end (as Hugging Face's generate does).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch
 
 MODELS = {
     "tiny": dict(vocab_size=514, d_model=128, n_layers=4, n_heads=4, max_seq_len=256),
+    "micro": dict(vocab_size=514, d_model=8, n_layers=4, n_heads=2, max_seq_len=256),
     "small": dict(vocab_size=514, d_model=256, n_layers=6, n_heads=8, max_seq_len=256),
 }
 CHARS = "".join(chr(0x4E00 + i) for i in range(512))  # one char per id: ids 1..512, </s> 513
@@ -203,6 +208,36 @@ def decode_speed(checkpoint: Path, prompts: list[str], args: argparse.Namespace)
     return best
 
 
+def early_stops(checkpoint: Path, prompts: list[str], args: argparse.Namespace, chance: float = 0.05) -> dict[str, float]:
+    """Seconds per rollout when rows stop early, the stopped rows leaving the decoding batch or decoding to the
+    end. A random model rarely samples its stop token, so each row is made to stop with `chance` per token (when
+    its uniform draw is below it): completion lengths geometric, the same rows stopping at the same step in both."""
+    import llmkit.generation.groups as groups
+    from llmkit.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(checkpoint)
+    model, stop = loaded.model.eval(), loaded.tokenizer.vocab_size - 1  # </s>
+    ids = [loaded.tokenizer.encode(p) for p in prompts]
+    sample = groups.next_tokens
+
+    def stopping(logits, temperature, top_k, top_p, draws):
+        return sample(logits, temperature, top_k, top_p, draws=draws).masked_fill(draws.squeeze(1) < chance, stop)
+
+    groups.next_tokens = stopping
+    best = {"compact": float("inf"), "full": float("inf"), "tokens": 0}
+    try:
+        for _ in range(3):
+            for mode in ("compact", "full"):
+                started = time.perf_counter()
+                completions, _ = groups.sample_groups(model, ids, args.generations, args.completion, stop_id=stop,
+                                                      compact=mode == "compact", generator=torch.Generator().manual_seed(0))
+                best[mode] = min(best[mode], time.perf_counter() - started)
+                best["tokens"] = sum(map(len, completions))
+    finally:
+        groups.next_tokens = sample
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--prompts", type=int, default=4)
@@ -225,6 +260,7 @@ def main() -> None:
         print(f"model {args.model} {MODELS[args.model]}, {args.prompts} prompts x {args.generations} generations, "
               f"{args.completion} completion tokens, {args.steps} steps, torch threads {torch.get_num_threads()}")
         speed = decode_speed(checkpoint, prompts, args)
+        stops = early_stops(checkpoint, prompts, args)
         runs: dict[str, list[dict[str, float]]] = {"llmkit": [], "trl": []}
         for repeat in range(args.repeats):  # alternated, the fastest of each kept: the least disturbed by other load
             runs["llmkit"].append(run_llmkit(checkpoint, prompts, args, work / f"llmkit{repeat}"))
@@ -237,6 +273,10 @@ def main() -> None:
           f"{theirs['step'] / ours['step']:>9.2f}x")
     print(f"\nrollout decode: {speed['rollout']:.0f} tokens/s; llmkit serve engine, same rows: {speed['serve']:.0f} "
           f"tokens/s; rollout / serve = {speed['rollout'] / speed['serve']:.2f}x")
+    rows = args.prompts * args.generations
+    print(f"rows stopping early (5% chance per token; {stops['tokens']} of {rows * args.completion} tokens sampled): "
+          f"stopped rows leave the batch {stops['compact'] * 1e3:.0f} ms per rollout, every row decoded to the end "
+          f"{stops['full'] * 1e3:.0f} ms: {stops['full'] / stops['compact']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,15 @@ class KVCache:
             self.pos = _repeat_filled(self.pos, times, self._filled(), dim=1)
         self._ctx = None
 
+    def select_rows(self, index: Tensor) -> None:
+        """Keep the rows `index` (B',) in that order: the rows still decoding once others have stopped."""
+        for store in (self.keys, self.values):
+            for layer, buffer in store.items():
+                store[layer] = _select_filled(buffer, index, self._filled(), dim=2)  # (B', Hkv, capacity, D)
+        if self.pos is not None and self.pos.dim() == 2:
+            self.pos = _select_filled(self.pos, index, self._filled(), dim=1)
+        self._ctx = None
+
     def _filled(self) -> int:
         """Columns of the buffers written so far."""
         return self.length
@@ -112,4 +121,12 @@ def _repeat_filled(buffer: Tensor, times: int, filled: int, dim: int) -> Tensor:
     out = buffer.new_empty(rows * times, *buffer.shape[1:])
     grouped = out.view(rows, times, *buffer.shape[1:]).narrow(dim + 1, 0, filled)  # (B, times, ..., filled, ...)
     grouped.copy_(buffer.narrow(dim, 0, filled).unsqueeze(1).expand_as(grouped))
+    return out
+
+
+def _select_filled(buffer: Tensor, index: Tensor, filled: int, dim: int) -> Tensor:
+    """The rows `index` of buffer, in a buffer of the same capacity along `dim`, of which only the first
+    `filled` columns are copied."""
+    out = buffer.new_empty(index.numel(), *buffer.shape[1:])
+    out.narrow(dim, 0, filled).copy_(buffer.narrow(dim, 0, filled).index_select(0, index))
     return out

@@ -116,6 +116,12 @@ class CachedDecoder:
         if self.next_pos.dim() == 2:  # (B, 1) per-row positions
             self.next_pos = self.next_pos.repeat_interleave(times, dim=0)
 
+    def select_rows(self, index: Tensor) -> None:
+        """Keep decoding only the rows `index` (B',), in that order (the others have stopped)."""
+        self.cache.select_rows(index)
+        if self.next_pos.dim() == 2:  # (B, 1) per-row positions
+            self.next_pos = self.next_pos.index_select(0, index)
+
     def step(self, tokens: list[int] | Tensor) -> Tensor:
         """tokens: the next token of each row -> (B, V) logits of the token after it."""
         ids = torch.as_tensor(tokens, device=_device(self.model))[:, None]  # (B, 1)

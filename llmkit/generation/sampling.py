@@ -54,9 +54,10 @@ def process_logits(logits: Tensor, temperature: float, top_k: int | None = None,
 
 def next_tokens(
     logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, draws: Tensor | None = None,
 ) -> Tensor:
-    """(B, V) logits -> (B,) token ids. temperature 0 is greedy: top_k and top_p then change nothing."""
+    """(B, V) logits -> (B,) token ids. temperature 0 is greedy: top_k and top_p then change nothing.
+    draws: (B, 1) uniform numbers in [0, 1) to sample with, instead of drawing them from `generator`."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(process_logits(logits, temperature, top_k, top_p).float(), dim=-1)
@@ -64,7 +65,9 @@ def next_tokens(
     # probability 0 adds nothing, so it is never drawn); torch.multinomial's CPU kernel takes ~8x as long
     # for a decoding batch, a tenth of each step of a small model
     cumulative = probs.cumsum(dim=-1)  # (B, V)
-    draw = torch.rand(probs.size(0), 1, generator=generator, device=probs.device) * cumulative[:, -1:]
+    if draws is None:
+        draws = torch.rand(probs.size(0), 1, generator=generator, device=probs.device)
+    draw = draws * cumulative[:, -1:]
     return torch.searchsorted(cumulative, draw, right=True).squeeze(-1).clamp(max=probs.size(-1) - 1)
 
 

@@ -32,6 +32,42 @@ def test_repeated_rows_decode_as_the_rows_prefilled_one_by_one(lengths: tuple[in
         torch.testing.assert_close(grouped.step(tokens), each.step(tokens), **TOL)
 
 
+@pytest.mark.parametrize("attention", [{}, {"window": 3}])
+def test_selected_rows_decode_as_those_rows_alone(attention: dict) -> None:
+    model = tiny_model(attention={"name": "causal", **attention}).eval()
+    prompts = _prompts(3, 6, 4)  # left-padded: per-row positions
+    batch, kept = CachedDecoder(model), CachedDecoder(model)
+    batch.prefill(prompts)
+    kept.prefill([prompts[2], prompts[0]])
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        tokens = torch.randint(0, VOCAB, (3,), generator=gen)
+        batch.step(tokens)
+        kept.step(tokens[[2, 0]])
+    batch.select_rows(torch.tensor([2, 0]))  # row 1 has stopped
+    for _ in range(3):
+        tokens = torch.randint(0, VOCAB, (2,), generator=gen)
+        torch.testing.assert_close(batch.step(tokens), kept.step(tokens), **TOL)
+
+
+@pytest.mark.parametrize("lengths", [(5, 5, 5), (3, 6, 4)])
+def test_stopped_rows_leave_the_batch_and_every_row_samples_as_without_that(lengths: tuple[int, ...], monkeypatch) -> None:
+    model = tiny_model(max_seq_len=64).eval()
+    prompts = _prompts(*lengths)
+    batch_sizes = []
+    original = CachedDecoder.step
+    monkeypatch.setattr(CachedDecoder, "step", lambda self, t: batch_sizes.append(len(t)) or original(self, t))
+    run = lambda compact: sample_groups(model, prompts, 8, 40, stop_id=5, compact=compact,  # noqa: E731
+                                        generator=torch.Generator().manual_seed(0))
+    reference = run(compact=False)
+    assert set(batch_sizes) == {24}
+    batch_sizes.clear()
+    assert run(compact=True) == reference
+    assert min(batch_sizes) < 24 * 3 // 4 and batch_sizes == sorted(batch_sizes, reverse=True)  # it shrank, more than once
+    stopped = sum(not cut for cut in reference[1])
+    assert 12 < stopped < 24  # the stop token (one of 37) came within 40 tokens in most rows, not in all
+
+
 def test_greedy_groups_are_the_greedy_generation_of_every_row_and_one_prefill_serves_a_group(monkeypatch) -> None:
     model = tiny_model().eval()
     prompts = _prompts(4, 7)
