@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from llmkit.generation.decode import CachedDecoder, inference
 from llmkit.generation.sampling import check_options, next_tokens
@@ -39,26 +40,37 @@ def sample_groups(
         logits = decoder.prefill(prompts).repeat_interleave(num_samples, dim=0)  # (N, V)
         decoder.repeat_rows(num_samples)
         rows, device = logits.size(0), logits.device
-        sampled = torch.zeros(rows, max_new_tokens, dtype=torch.long, device=device)  # (N, steps)
-        stopped = torch.zeros(rows, dtype=torch.bool, device=device)
-        live = torch.arange(rows, device=device)  # the row each row of the decoding batch is
-        tokens, lockstep, steps = torch.empty(0, dtype=torch.long, device=device), _sharded(model), 0  # (B,) last samples
+        columns: list[tuple[Tensor | None, Tensor]] = []  # each step's (rows of the batch, None: all; their samples)
+        live: Tensor | None = None  # the row each row of the decoding batch is, once some have left it
+        stopped = torch.zeros(rows, dtype=torch.bool, device=device)  # (B,) of the decoding batch
+        tokens, lockstep = torch.empty(0, dtype=torch.long, device=device), _sharded(model)  # (B,) the last samples
         for step in range(max_new_tokens):
             if step:
                 logits = decoder.step(tokens)
             # every row's uniform draw, stopped or not: a row's samples do not depend on which others stopped
-            draws = None if temperature == 0 else torch.rand(rows, 1, generator=generator, device=device)[live]
-            tokens = next_tokens(logits, temperature, None, top_p, draws=draws)  # (B,) of the decoding rows
-            sampled[live, step], steps = tokens, step + 1
-            if stop_id is not None:
-                stopped[live] |= tokens == stop_id
-            if _all_stopped(bool(stopped.all()), lockstep, device):
+            draws = None if temperature == 0 else torch.rand(rows, 1, generator=generator, device=device)
+            tokens = next_tokens(logits, temperature, None, top_p, draws=draws if live is None else draws[live])
+            columns.append((live, tokens))
+            going = rows if stop_id is None else int(stopped.logical_or_(tokens == stop_id).logical_not().sum())
+            if _all_stopped(going == 0, lockstep, device):
                 break
-            going = (~stopped[live]).nonzero().squeeze(1)  # (B',) positions in the batch of rows still going
-            if compact and 0 < going.numel() <= 3 * live.numel() // 4:  # a cache copy, worth it for 1/4 less work
-                decoder.select_rows(going)
-                live, tokens = live[going], tokens[going]
-    return _completions(sampled[:, :steps].tolist(), stop_id, max_new_tokens)  # (N, steps)
+            if compact and 0 < going <= 3 * stopped.numel() // 4:  # a copy of the cache, for a quarter less work
+                keep = stopped.logical_not().nonzero().squeeze(1)  # (B',) positions in the batch
+                decoder.select_rows(keep)
+                live = keep if live is None else live[keep]
+                stopped, tokens = stopped[keep], tokens[keep]
+    return _completions(_sampled(columns, rows).tolist(), stop_id, max_new_tokens)
+
+
+def _sampled(columns: list[tuple[Tensor | None, Tensor]], rows: int) -> Tensor:
+    """(N, steps) every row's samples from each step's (rows of the batch, samples); after a row has left the
+    batch, 0 (past its stop token, which ends its completion)."""
+    if all(live is None for live, _ in columns):
+        return torch.stack([tokens for _, tokens in columns], dim=1)
+    out = columns[0][1].new_zeros(rows, len(columns))
+    for step, (live, tokens) in enumerate(columns):
+        out[live if live is not None else slice(None), step] = tokens
+    return out
 
 
 def _completions(sampled: list[list[int]], stop_id: int | None, limit: int) -> tuple[list[list[int]], list[bool]]:
