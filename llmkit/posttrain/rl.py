@@ -208,7 +208,7 @@ class OnlineRL(Objective):
         generator = rollout_generator(device, batch["seed"], batch["step"], batch["micro"], batch["rank"])
         sampled = self.sample_and_score(model, batch, generator)
         raw = sampled.rewards
-        ids, labels = layout(batch["prompt_tokens"], sampled.completions, self.G, self.pad_id)
+        ids, labels = layout(batch["rows"].tokens, sampled.completions, self.G, self.pad_id)
         ids, labels = ids.to(device), labels.to(device)
         rollout = Rollout(ids, labels, raw.clone(), raw.new_zeros(len(raw)))
         if self._table is not None and batch["step"] % self.log_completions == 0:
@@ -240,13 +240,13 @@ class OnlineRL(Objective):
 
     def sample_and_score(self, model: Transformer, batch: dict[str, Any], generator: torch.Generator) -> Sampled:
         """The batch's prompts num_generations times each, sampled and scored (NaN: unscorable)."""
-        completions, truncated = sample_groups(model, batch["prompt_tokens"], self.G, self.max_new,
-                                               temperature=self.temperature, top_p=self.top_p, stop_id=self.stop_id,
-                                               generator=generator)
+        rows = batch["rows"]  # llmkit/posttrain/prompts.py PromptRows
+        completions, truncated = sample_groups(model, rows.tokens, self.G, self.max_new, temperature=self.temperature,
+                                               top_p=self.top_p, stop_id=self.stop_id, generator=generator)
         texts = [self.tokenizer.decode([t for t in c if t != self.stop_id]) for c in completions]
-        repeat = [i for i in range(len(batch["records"])) for _ in range(self.G)]
-        scored = Completions([batch["prompts"][i] for i in repeat], texts, completions,
-                             [batch["records"][i] for i in repeat], [batch["prompt_tokens"][i] for i in repeat])
+        repeat = [i for i in range(len(rows.records)) for _ in range(self.G)]
+        scored = Completions([rows.prompts[i] for i in repeat], texts, completions,
+                             [rows.records[i] for i in repeat], [rows.tokens[i] for i in repeat])
         rewards, unscorable = score(self.reward, scored)
         return Sampled(completions, truncated, scored, rewards, unscorable)
 

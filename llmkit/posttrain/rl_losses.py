@@ -219,7 +219,7 @@ def ppo_loss(
 
 def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
     """(N, T, V), (N, T) -> (N, T) float32 log p(label) of logits / temperature, 0 where unscored."""
-    x = logits.float() / temperature
+    x = _scaled(logits.float(), temperature)
     picked = x.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(x, dim=-1)
     return torch.where(labels != IGNORE, picked, 0.0)
 
@@ -227,6 +227,11 @@ def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> 
 @torch.no_grad()
 def token_entropy(logits: Tensor, mask: Tensor, temperature: float = 1.0) -> Tensor:
     """Mean entropy of the sampling distribution over the completion tokens."""
-    x = logits.detach()[mask.bool()].float() / temperature  # (n, V)
+    x = _scaled(logits.detach()[mask.bool()].float(), temperature)  # (n, V)
     entropy = torch.logsumexp(x, -1) - (x.softmax(-1) * x).sum(-1)
     return entropy.mean() if entropy.numel() else entropy.new_zeros(())
+
+
+def _scaled(logits: Tensor, temperature: float) -> Tensor:
+    """logits / temperature; at temperature 1 the logits themselves (a pass over (N, T, V) and its backward saved)."""
+    return logits if temperature == 1 else logits / temperature

@@ -16,6 +16,7 @@ import torch
 from llmkit.checkpoint import load_checkpoint
 from llmkit.cli import main as llmkit
 from llmkit.generation.decode import CachedDecoder
+from llmkit.posttrain.prompts import PromptRows
 from llmkit.posttrain.rewards import Completions, Reward
 from llmkit.posttrain.rl import GRPO, RLOO, Rollout
 from llmkit.posttrain.rl_losses import token_logprobs
@@ -74,8 +75,8 @@ def objective(cls=GRPO, base: Path | None = None, **options) -> tuple:
 
 def prompt_batch(tokenizer, step: int = 0, iteration: int = 0) -> dict:
     records = [{"prompt": f"{d}=", "answer": a} for d, a in ANSWERS.items()]
-    return {"prompt_tokens": [tokenizer.encode(r["prompt"]) for r in records], "prompts": [r["prompt"] for r in records],
-            "records": records, "step": step, "micro": 0, "iteration": iteration, "seed": 7, "rank": 0}
+    rows = PromptRows([tokenizer.encode(r["prompt"]) for r in records], [r["prompt"] for r in records], records)
+    return {"rows": rows, "step": step, "micro": 0, "iteration": iteration, "seed": 7, "rank": 0}
 
 
 class Counting(Reward):
@@ -96,7 +97,7 @@ def test_the_rollout_is_one_batch_of_every_prompt_times_g_and_is_seeded(base: Pa
     assert prefills == [3]  # 3 prompts prefilled once, each for its 4 rows: one batch through the KV-cache decoder
     assert rollout.ids.shape[0] == 12 and rollout.rewards.shape == (12,)
     for row in range(12):  # groups are consecutive rows of the same prompt; labels are the completion tokens
-        prompt = batch["prompt_tokens"][row // 4]
+        prompt = batch["rows"].tokens[row // 4]
         assert rollout.ids[row, : len(prompt)].tolist() == prompt
         scored = rollout.labels[row][rollout.labels[row] != -100]
         assert scored.tolist() == rollout.ids[row, len(prompt) : len(prompt) + len(scored)].tolist()
@@ -262,7 +263,7 @@ def test_validation_scores_held_out_prompts_and_counts_each_once(base: Path) -> 
     arrays = prompt_arrays([([1 + i, 10], {"prompt": str(i)}) for i in range(5)])
     ranks = [PromptWindows(arrays, 2, rank, 2, seed=7) for rank in (0, 1)]
     assert [len(w) for w in ranks] == [2, 2]  # 3 rows each (rank 1 repeats one): the same batches on every rank
-    seen = [(p, c) for w in ranks for i in range(len(w)) for p, c in zip(w[i]["prompts"], w[i]["counted"], strict=True)]
+    seen = [(p, c) for w in ranks for i in range(len(w)) for p, c in zip(w[i]["rows"].prompts, w[i]["counted"], strict=True)]
     assert sorted(p for p, c in seen if c) == ["0", "1", "2", "3", "4"] and sum(not c for _, c in seen) == 1
     obj, model, tokenizer = objective(base=base, num_generations=2)
     obj.reward = Counting()  # completion i scores i
@@ -426,3 +427,19 @@ def test_grpo_against_a_reward_model_trained_here_raises_its_score_with_a_bounde
     start, end = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert end > start + 0.5 * (max(rewards) - min(rewards)) / 2, (rewards[:5], rewards[-5:])
     assert max(kl) < 1.0, kl  # nats per token: the policy stays near the reference
+
+
+def test_a_prompt_batch_goes_through_lightning_and_the_loader_untouched() -> None:
+    # their collection walkers visit every element of a list (each token id of each prompt, every step); the
+    # rows are one opaque object, which both pass on as it is
+    import numpy as np
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+    from torch.utils.data._utils.collate import default_convert
+
+    from llmkit.posttrain.prompts import prompt_arrays, prompt_batch
+
+    arrays = prompt_arrays([([1, 2, 3], {"prompt": "a"}), ([4, 5], {"prompt": "b", "answer": "c"})])
+    batch = prompt_batch(arrays, np.array([1, 0]))
+    moved = move_data_to_device(default_convert(batch), torch.device("cpu"))
+    assert moved["rows"] is batch["rows"]
+    assert batch["rows"].tokens == [[4, 5], [1, 2, 3]] and batch["rows"].records[0] == {"prompt": "b", "answer": "c"}
