@@ -2,8 +2,8 @@
 side in one process on the same model, prompts, group size, completion length and batch; and the rollout's
 decode speed against `llmkit serve`'s engine on the same rows.
 
-  python scripts/bench_rl.py [--prompts 4] [--generations 8] [--completion 32] [--steps 11] [--model tiny]
-                             [--repeats 2] [--threads N] [--log-every 5]
+  python scripts/bench_rl.py [--prompts 4] [--generations 8] [--completion 32] [--prompt-length 32] [--steps 11]
+                             [--model tiny] [--repeats 2] [--threads N] [--log-every 5]
 
 The model is random (speed does not depend on the weights) with a one-character-per-token vocabulary, so
 that llmkit's tokenizer and the Hugging Face one built for TRL give the same ids; TRL trains the model
@@ -76,9 +76,10 @@ def hf_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="</s>", unk_token="<unk>")
 
 
-def prompt_texts(n: int) -> list[str]:
+def prompt_texts(n: int, longest: int = 32) -> list[str]:
+    """n random prompts of longest / 2 to longest tokens."""
     g = torch.Generator().manual_seed(1)
-    lengths = torch.randint(16, 33, (n,), generator=g).tolist()
+    lengths = torch.randint(longest // 2, longest + 1, (n,), generator=g).tolist()
     return ["".join(CHARS[i] for i in torch.randint(0, len(CHARS), (k,), generator=g).tolist()) for k in lengths]
 
 
@@ -243,6 +244,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--completion", type=int, default=32)
+    parser.add_argument("--prompt-length", type=int, default=32, help="prompts of half this to this many tokens")
     parser.add_argument("--steps", type=int, default=11)
     parser.add_argument("--log-every", type=int, default=5, help="both trainers log every N steps")
     parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
@@ -253,11 +255,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # reward.fn=bench_rl:reward
     sys.modules.setdefault("bench_rl", sys.modules[__name__])  # the timer the run instantiates records here
-    prompts = prompt_texts(args.prompts)
+    prompts = prompt_texts(args.prompts, args.prompt_length)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         checkpoint, hf_dir = write_model(args.model, work)
-        print(f"model {args.model} {MODELS[args.model]}, {args.prompts} prompts x {args.generations} generations, "
+        print(f"model {args.model} {MODELS[args.model]}, {args.prompts} prompts of {args.prompt_length // 2}-"
+              f"{args.prompt_length} tokens x {args.generations} generations, "
               f"{args.completion} completion tokens, {args.steps} steps, torch threads {torch.get_num_threads()}")
         speed = decode_speed(checkpoint, prompts, args)
         stops = early_stops(checkpoint, prompts, args)
