@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from lightning.pytorch.callbacks import Callback
 
 MODELS = {
     "tiny": dict(vocab_size=514, d_model=128, n_layers=4, n_heads=4, max_seq_len=256),
@@ -92,24 +93,19 @@ def per_step(rollouts: list[float], steps: list[float]) -> dict[str, float]:
     return {"rollout": rollout, "update": sum(steps[skip:]) / n - rollout, "step": sum(steps[skip:]) / n}
 
 
-class LlmkitStepTimes:
-    """A Lightning callback (callbacks.bench_steps=bench_rl:LlmkitStepTimes) that times each step from its
-    batch's start to its end, as StepTimes does TRL's; the rollout inside is timed by wrapping the objective."""
+class LlmkitStepTimes(Callback):
+    """Instantiated by the llmkit run (callbacks.bench_steps._target_=bench_rl.LlmkitStepTimes): times each step
+    from its batch's start to its end, as StepTimes does TRL's; the rollout inside is timed by wrapping the
+    objective. The times go to the class, which the benchmark reads after the run."""
 
     rollouts: list[float] = []
     steps: list[float] = []
 
-    def __new__(cls):
-        from lightning.pytorch.callbacks import Callback
+    def on_train_batch_start(self, *a, **k):
+        self.started = time.perf_counter()
 
-        class Timer(Callback):
-            def on_train_batch_start(self, *a, **k):
-                self.started = time.perf_counter()
-
-            def on_train_batch_end(self, *a, **k):
-                cls.steps.append(time.perf_counter() - self.started)
-
-        return Timer()
+    def on_train_batch_end(self, *a, **k):
+        LlmkitStepTimes.steps.append(time.perf_counter() - self.started)
 
 
 def run_llmkit(checkpoint: Path, prompts: list[str], args: argparse.Namespace, work: Path) -> dict[str, float]:

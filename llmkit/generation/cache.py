@@ -50,15 +50,15 @@ class KVCache:
     def repeat_rows(self, times: int) -> None:
         """Every row `times` times, consecutively (row i becomes rows [i * times, (i + 1) * times)): one
         prefill of a prompt serves all the completions sampled from it."""
-        for store in (self.keys, self.values):
-            for layer, buffer in store.items():
-                store[layer] = _repeat_filled(buffer, times, self._filled(), dim=2)  # (B * times, Hkv, capacity, D)
-        if self.pos is not None and self.pos.dim() == 2:  # per-row positions (left-padded prompts)
-            self.pos = _repeat_filled(self.pos, times, self._filled(), dim=1)
-        self._ctx = None
+        self.select_rows(torch.arange(self.rows(), device=self.q_pos.device).repeat_interleave(times))
+
+    def rows(self) -> int:
+        """The batch's rows (after a first step)."""
+        return next(iter(self.keys.values())).size(0)
 
     def select_rows(self, index: Tensor) -> None:
-        """Keep the rows `index` (B',) in that order: the rows still decoding once others have stopped."""
+        """Keep the rows `index` (B',) in that order, each as often as it appears: the rows still decoding once
+        others have stopped, or each row repeated."""
         for store in (self.keys, self.values):
             for layer, buffer in store.items():
                 store[layer] = _select_filled(buffer, index, self._filled(), dim=2)  # (B', Hkv, capacity, D)
@@ -112,16 +112,6 @@ class SlidingWindowCache(KVCache):
             k, v = torch.cat([self.keys[layer], k], dim=2), torch.cat([self.values[layer], v], dim=2)
         self.keys[layer], self.values[layer] = k[:, :, -self.window :], v[:, :, -self.window :]
         return k, v
-
-
-def _repeat_filled(buffer: Tensor, times: int, filled: int, dim: int) -> Tensor:
-    """buffer's rows each `times` times, consecutively, in a buffer of the same capacity along `dim`, of
-    which only the first `filled` columns are copied (the rest is yet to be written)."""
-    rows = buffer.size(0)
-    out = buffer.new_empty(rows * times, *buffer.shape[1:])
-    grouped = out.view(rows, times, *buffer.shape[1:]).narrow(dim + 1, 0, filled)  # (B, times, ..., filled, ...)
-    grouped.copy_(buffer.narrow(dim, 0, filled).unsqueeze(1).expand_as(grouped))
-    return out
 
 
 def _select_filled(buffer: Tensor, index: Tensor, filled: int, dim: int) -> Tensor:

@@ -112,9 +112,7 @@ class CachedDecoder:
 
     def repeat_rows(self, times: int) -> None:
         """After a prefill: each row becomes `times` consecutive rows that decode on independently."""
-        self.cache.repeat_rows(times)
-        if self.next_pos.dim() == 2:  # (B, 1) per-row positions
-            self.next_pos = self.next_pos.repeat_interleave(times, dim=0)
+        self.select_rows(torch.arange(self.cache.rows(), device=self.next_pos.device).repeat_interleave(times))
 
     def select_rows(self, index: Tensor) -> None:
         """Keep decoding only the rows `index` (B',), in that order (the others have stopped)."""
